@@ -1,0 +1,127 @@
+"""Engines, sessions and migrations for SQLite (embedded default) and PostgreSQL.
+
+SQLite runs in WAL mode with foreign keys on, a busy timeout, and `BEGIN IMMEDIATE`
+transactions so that concurrent writers queue on the lock instead of failing on upgrade.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import DatabaseError as SADatabaseError
+from sqlalchemy.orm import Session, sessionmaker
+
+from agent.errors import ConfigError, DatabaseError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def make_engine(url: str, busy_timeout_ms: int = 30_000) -> Engine:
+    """An engine for `url`, with SQLite pragmas set; errors name the URL and the fix."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"database_url: cannot parse {url!r}: {exc}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
+        _configure_sqlite(engine, busy_timeout_ms)
+        return engine
+    if backend == "postgresql":
+        if parsed.get_driver_name() not in ("psycopg", "psycopg2"):
+            raise ConfigError(
+                f"database_url: use the psycopg 3 driver, e.g. "
+                f"postgresql+psycopg://{parsed.host or 'localhost'}/..., not {parsed.drivername}"
+            )
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    raise ConfigError(
+        f"database_url: unsupported database {backend!r}; use sqlite:///FILE or "
+        "postgresql+psycopg://USER@HOST:PORT/DB"
+    )
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # let SQLAlchemy's BEGIN below take over
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # type: ignore[no-untyped-def]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def alembic_config(engine: Engine) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def check_connection(engine: Engine) -> None:
+    """Connect once; a wrong or unreachable URL becomes a `DatabaseError` naming the URL."""
+    try:
+        with engine.connect():
+            pass
+    except (OperationalError, SADatabaseError) as exc:
+        shown = engine.url.render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise DatabaseError(
+            f"cannot connect to database {shown}: {reason}. Check database_url "
+            f"(or RLCHAT_DATABASE_URL) and that the server is running."
+        ) from exc
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision(engine: Engine) -> str | None:
+    return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    command.upgrade(alembic_config(engine), revision)
+
+
+def downgrade(engine: Engine, revision: str = "base") -> None:
+    command.downgrade(alembic_config(engine), revision)
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Bring SQLite to head automatically; on PostgreSQL require `rlchat db upgrade` first."""
+    check_connection(engine)
+    current, head = current_revision(engine), head_revision(engine)
+    if current == head:
+        return
+    if engine.dialect.name == "sqlite":
+        log.info("migrating SQLite database %s to %s", engine.url.database, head)
+        upgrade(engine)
+        return
+    raise DatabaseError(
+        f"database schema is at {current or 'nothing'}, this code needs {head}; "
+        "run `rlchat db upgrade`"
+    )
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
