@@ -1,0 +1,115 @@
+"""Training-run bookkeeping shared by every job: the DB row, the run directory, metrics.
+
+    with training_run(store, settings, "reward", config, resume=args.resume) as run:
+        data = build_dataset(store, cutoff=run.data_cutoff)
+        run.record_data(ids={"comparisons": [...]})
+        ...
+        run.log(step, {"loss/train": 0.3})          # TensorBoard + the row's metrics
+        run.finish(output_version_id=vid, metrics={"eval/accuracy": 0.93})
+
+A crash marks the row failed with the error, and the run directory keeps its checkpoints;
+`resume=True` reopens the newest unfinished run of the same kind, with the same data cut-off,
+so a resumed job trains on exactly the snapshot it started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agent.config import Settings
+from agent.store.api import Store
+from agent.store.models import utcnow
+
+log = logging.getLogger(__name__)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A JSON-safe dict of a config dataclass (paths as strings)."""
+    raw = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in raw.items()}
+
+
+class Run:
+    """One training run: its row in `training_runs` and its directory under <data_dir>/runs."""
+
+    def __init__(self, store: Store, run_id: int, directory: Path, data_cutoff: datetime) -> None:
+        self.store = store
+        self.id = run_id
+        self.dir = directory
+        self.data_cutoff = data_cutoff
+        self.last_metrics: dict[str, float] = {}
+        self._writer: Any = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def writer(self) -> Any:
+        """A TensorBoard SummaryWriter on the run directory (created on first use)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+        return self._writer
+
+    def record_data(self, ids: dict[str, Any]) -> None:
+        """Record which rows the job trains on (e.g. {"messages": [...], "comparisons": [...]})."""
+        self.store.update_run(self.id, data_ids=ids)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Write metrics to TensorBoard and keep the newest values on the run row."""
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        for key, value in clean.items():
+            self.writer.add_scalar(key, value, step)
+        self.last_metrics.update(clean)
+        self.store.update_run(self.id, metrics={**clean, "step": step})
+
+    def finish(self, output_version_id: int | None = None, metrics: dict[str, Any] | None = None) -> None:
+        self.store.update_run(
+            self.id,
+            status="succeeded",
+            output_version_id=output_version_id,
+            metrics=metrics or {},
+        )
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+@contextmanager
+def training_run(
+    store: Store, settings: Settings, kind: str, config: Any, *, resume: bool = False
+) -> Iterator[Run]:
+    """Open (or, with `resume`, reopen) a training run; a failure marks it failed and re-raises."""
+    row = None
+    if resume:
+        unfinished = [r for r in store.list_runs(kind) if r.status in ("running", "failed")]
+        row = unfinished[-1] if unfinished else None
+        if row is None:
+            log.warning("no unfinished %s run to resume; starting a new one", kind)
+    if row is None:
+        run_id = store.start_run(kind, config_dict(config), data_cutoff=utcnow())
+        row = store.get_run(run_id)
+    directory = settings.runs_dir / f"{kind}-{row.id}"
+    directory.mkdir(parents=True, exist_ok=True)
+    store.update_run(row.id, status="running", error=None, log_path=str(directory))
+    if resume:
+        log.info("resuming %s run %d from %s", kind, row.id, directory)
+    run = Run(store, row.id, directory, row.data_cutoff or utcnow())
+    try:
+        yield run
+    except BaseException as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        store.update_run(run.id, status="failed", error=reason)
+        raise
+    finally:
+        run.close()
