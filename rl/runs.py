@@ -66,13 +66,17 @@ class Run:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Write metrics to TensorBoard and keep the newest values on the run row."""
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        clean = {
+            k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+        }
         for key, value in clean.items():
             self.writer.add_scalar(key, value, step)
         self.last_metrics.update(clean)
         self.store.update_run(self.id, metrics={**clean, "step": step})
 
-    def finish(self, output_version_id: int | None = None, metrics: dict[str, Any] | None = None) -> None:
+    def finish(
+        self, output_version_id: int | None = None, metrics: dict[str, Any] | None = None
+    ) -> None:
         self.store.update_run(
             self.id,
             status="succeeded",
@@ -108,7 +112,9 @@ def training_run(
     try:
         yield run
     except BaseException as exc:
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        reason = (
+            "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        )
         store.update_run(run.id, status="failed", error=reason)
         raise
     finally:

@@ -33,7 +33,9 @@ COMMANDS = {
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlchat", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML settings file (default: $RLCHAT_CONFIG)")
-    parser.add_argument("--data-dir", help="data directory (default: ./.rlchat or $RLCHAT_DATA_DIR)")
+    parser.add_argument(
+        "--data-dir", help="data directory (default: ./.rlchat or $RLCHAT_DATA_DIR)"
+    )
     parser.add_argument("--database-url", help="SQLAlchemy URL (default: $RLCHAT_DATABASE_URL)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return int(args.run(args) or 0)
     except RLChatError as exc:

@@ -84,3 +84,29 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from agent.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+# ---- CI guard: with RLCHAT_REQUIRE=postgres,browser the run fails if those tests skipped ----
+
+_OUTCOMES: dict[str, list[str]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or report.skipped:
+        for marker in ("postgres", "browser"):
+            if marker in report.keywords:
+                _OUTCOMES.setdefault(marker, []).append(report.outcome)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    required = [m for m in os.environ.get("RLCHAT_REQUIRE", "").split(",") if m]
+    missing = []
+    for marker in required:
+        outcomes = _OUTCOMES.get(marker, [])
+        if not outcomes or "skipped" in outcomes:
+            missing.append(
+                f"{marker} ({outcomes.count('skipped')} skipped, {outcomes.count('passed')} passed)"
+            )
+    if missing:
+        print(f"\nRLCHAT_REQUIRE: these tests must run, but did not all run: {', '.join(missing)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -80,6 +80,13 @@ class Store:
                 session.execute(text("SET LOCAL lock_timeout = '30s'"))
             yield session
 
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for long reads (exports, dataset snapshots) that blocks no writer."""
+        engine = self.engine.execution_options(**{db.READ_ONLY: True})
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -115,7 +122,9 @@ class Store:
         with self.transaction() as s:
             return list(s.scalars(select(User).order_by(User.id)))
 
-    def set_user(self, name: str, role: str | None = None, password_hash: str | None = None) -> None:
+    def set_user(
+        self, name: str, role: str | None = None, password_hash: str | None = None
+    ) -> None:
         if role is not None and role not in ROLES:
             raise ValidationError(f"role: {role!r} is not one of {', '.join(ROLES)}")
         with self.transaction() as s:
@@ -246,7 +255,9 @@ class Store:
             )
             return list(s.scalars(stmt.order_by(Message.id)))
 
-    def list_conversations(self, user_id: int | None = None, limit: int = 100) -> list[Conversation]:
+    def list_conversations(
+        self, user_id: int | None = None, limit: int = 100
+    ) -> list[Conversation]:
         """Newest first; only `user_id`'s when given."""
         stmt = select(Conversation).order_by(Conversation.id.desc()).limit(limit)
         if user_id is not None:
@@ -261,7 +272,9 @@ class Store:
         if msg is None:
             raise NotFoundError(f"{field}: no message with id {message_id}")
         if msg.role != "assistant":
-            raise ValidationError(f"{field}: message {message_id} is a {msg.role} message, not a reply")
+            raise ValidationError(
+                f"{field}: message {message_id} is a {msg.role} message, not a reply"
+            )
         return msg
 
     def set_rating(
@@ -288,7 +301,9 @@ class Store:
             if not criterion:
                 raise ValidationError("criterion: a likert rating needs a criterion")
             if isinstance(value, bool) or value != int(value) or not lo <= value <= hi:
-                raise ValidationError(f"value: a likert rating is an integer {lo}..{hi}, got {value!r}")
+                raise ValidationError(
+                    f"value: a likert rating is an integer {lo}..{hi}, got {value!r}"
+                )
         else:
             raise ValidationError(f"kind: {kind!r} is not one of thumb, likert")
         check_text("comment", comment, self.max_text_chars, allow_empty=True)
@@ -452,7 +467,9 @@ class Store:
             self._assistant_message(s, message_id)
             self._lease(s, message_id, rater_id, utcnow(), skipped=True)
 
-    def _lease(self, s: Session, message_id: int, rater_id: int, expires: datetime, skipped: bool) -> None:
+    def _lease(
+        self, s: Session, message_id: int, rater_id: int, expires: datetime, skipped: bool
+    ) -> None:
         stmt = self._insert(AnnotationLease).values(
             message_id=message_id, rater_id=rater_id, expires_at=expires, skipped=skipped
         )

@@ -24,6 +24,8 @@ from agent.errors import ConfigError, DatabaseError
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+READ_ONLY = "rlchat_read_only"
+"""Execution option: on SQLite, begin a plain (deferred) transaction that takes no write lock."""
 
 
 def make_engine(url: str, busy_timeout_ms: int = 30_000) -> Engine:
@@ -41,7 +43,10 @@ def make_engine(url: str, busy_timeout_ms: int = 30_000) -> Engine:
         _configure_sqlite(engine, busy_timeout_ms)
         return engine
     if backend == "postgresql":
-        if parsed.get_driver_name() not in ("psycopg", "psycopg2"):
+        if parsed.drivername == "postgresql":  # plain postgresql:// means psycopg 3 here
+            parsed = parsed.set(drivername="postgresql+psycopg")
+            url = parsed.render_as_string(hide_password=False)
+        if parsed.get_driver_name() != "psycopg":
             raise ConfigError(
                 f"database_url: use the psycopg 3 driver, e.g. "
                 f"postgresql+psycopg://{parsed.host or 'localhost'}/..., not {parsed.drivername}"
@@ -66,7 +71,9 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Long reads (exports, dataset snapshots) must not hold the write lock.
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:

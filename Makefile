@@ -1,0 +1,44 @@
+# Two targets do all set-up on a fresh machine: `make test` and `make demo`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rlchat-installed
+HOST   ?= 127.0.0.1
+PORT   ?= 7860
+
+.PHONY: install test lint format demo clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Without a GPU, install the CPU torch wheel first so that no multi-GB CUDA build is pulled in.
+$(STAMP): pyproject.toml | $(BIN)/python
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU found: torch comes with its CUDA build"; \
+	else \
+		echo "no GPU: installing the CPU torch wheel"; \
+		$(BIN)/pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/rlchat starter build --if-missing
+	$(BIN)/rlchat serve --host $(HOST) --port $(PORT)
+
+clean-venv:
+	rm -rf $(VENV)
