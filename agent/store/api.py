@@ -412,7 +412,7 @@ class Store:
     def next_for_annotation(
         self, rater_id: int, overlap: int = 2, lease_s: int = 600, limit: int = 1
     ) -> list[Message]:
-        """Replies this annotator should rate next, fewest ratings first, and lease them.
+        """Replies this annotator should rate next, fewest Likert raters first, and lease them.
 
         Never the annotator's own conversations or replies they rated or skipped; an item is
         held back from others while (raters so far + live leases) reaches `overlap`.
@@ -420,6 +420,7 @@ class Store:
         now = utcnow()
         raters = (
             select(Rating.message_id, func.count(func.distinct(Rating.rater_id)).label("n"))
+            .where(Rating.kind == "likert")  # annotations; end users' thumbs don't count
             .group_by(Rating.message_id)
             .subquery()
         )

@@ -127,20 +127,23 @@ def test_failed_generation_is_recorded(store: Store, chat: dict[str, int]) -> No
 
 
 def test_annotation_queue(store: Store, chat: dict[str, int]) -> None:
-    ann2 = store.get_or_create_user("carol", "annotator").id
-    # The owner never gets their own conversation.
-    assert store.next_for_annotation(chat["user"]) == []
-    store.set_rating(chat["r1"], chat["user"], "thumb", 1)
-    # Fewest ratings first: r2 has none.
-    (item,) = store.next_for_annotation(chat["ann"], overlap=1)
-    assert item.id == chat["r2"]
-    # With overlap 1, r2 is leased to bob, and r1 is already rated once: nothing for carol.
-    assert store.next_for_annotation(ann2, overlap=1) == []
-    # With overlap 2 carol gets an item too.
-    assert len(store.next_for_annotation(ann2, overlap=2)) == 1
-    store.set_rating(chat["r2"], chat["ann"], "likert", 5, criterion="helpfulness")
-    store.skip_annotation(chat["r1"], chat["ann"])
-    assert store.next_for_annotation(chat["ann"], overlap=3) == []
+    bob, r1, r2 = chat["ann"], chat["r1"], chat["r2"]
+    carol, dave, erin = (
+        store.get_or_create_user(n, "annotator").id for n in ("carol", "dave", "erin")
+    )
+    assert store.next_for_annotation(chat["user"]) == []  # never one's own conversation
+    store.set_rating(r1, chat["user"], "thumb", 1)  # an end user's thumb is not an annotation
+    store.set_rating(r1, dave, "likert", 3, criterion="helpfulness")
+    # Fewest annotators first: r2 (none) before r1 (dave).
+    assert [m.id for m in store.next_for_annotation(bob, overlap=3, limit=2)] == [r2, r1]
+    # Overlap 2: r1 has dave's rating and bob's lease, so carol gets only r2, and erin nothing.
+    assert [m.id for m in store.next_for_annotation(carol, overlap=2, limit=2)] == [r2]
+    assert store.next_for_annotation(erin, overlap=2) == []
+    # Bob skips r1: his lease no longer holds it back, and he never sees it again.
+    store.skip_annotation(r1, bob)
+    assert [m.id for m in store.next_for_annotation(erin, overlap=2)] == [r1]
+    store.set_rating(r2, bob, "likert", 5, criterion="helpfulness")
+    assert store.next_for_annotation(bob, overlap=5) == []
 
 
 def test_pair_queue(store: Store, chat: dict[str, int]) -> None:

@@ -1,0 +1,202 @@
+"""Simulated feedback: scripted users chat through `ChatAgent`, scripted annotators judge
+through the same store API the UI uses, following a hidden oracle with configurable noise.
+
+    summary = simulate(SimulateConfig(oracle="follow_up", users=20), store, agent, settings)
+
+Users take their lines from held-out chitchat conversations (those the starter model never
+trained on) or a JSONL file of {"messages": [...]} / {"prompt": "..."} records. Each user
+turn gets `replies` replies (the first plus regenerations, siblings in the tree), so
+comparisons are possible. Rows are marked: conversations have source "simulated" and
+meta {"oracle": name}; users and annotators are named sim-user-N / sim-annotator-N.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from agent.chat import ChatAgent, SamplingParams
+from agent.config import Settings
+from agent.errors import ConfigError, ValidationError
+from agent.store.api import Store
+from rl.oracles import load_oracle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """What to simulate."""
+
+    oracle: str = "follow_up"
+    """Hidden preference: follow_up, positive, concise, or module:function."""
+    users: int = 20
+    """Simulated users, one conversation each."""
+    turns: int = 2
+    """User turns per conversation."""
+    replies: int = 2
+    """Replies per user turn: the first plus regenerations (>= 2 gives comparisons)."""
+    annotators: int = 3
+    """Simulated annotators."""
+    overlap: int = 2
+    """Annotators per reply (Likert) and per pair of sibling replies (comparison)."""
+    noise: float = 0.1
+    """Share of judgements flipped (thumb, Likert mirrored, comparison swapped)."""
+    prompts: Path | None = None
+    """JSONL of {"messages": [...]} or {"prompt": "..."} (None: held-out chitchat)."""
+    max_new_tokens: int = 32
+    """Reply length limit of the simulated chats."""
+    temperature: float = 1.0
+    """Sampling temperature of the simulated chats (variety between siblings)."""
+    seed: int = 0
+    """Seed of the prompt choice, the sampling and the noise."""
+
+    def __post_init__(self) -> None:
+        for name in ("users", "turns", "replies", "annotators", "overlap"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.overlap > self.annotators:
+            raise ConfigError(
+                f"overlap: {self.overlap} is more than the {self.annotators} annotators"
+            )
+        if not 0 <= self.noise <= 0.5:
+            raise ConfigError(f"noise: must be in [0, 0.5], got {self.noise}")
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise ConfigError(f"prompts: file {self.prompts} does not exist")
+        load_oracle(self.oracle)  # fail at start, not after the chats
+
+
+def load_user_lines(config: Config, n: int) -> list[list[str]]:
+    """`n` scripts of user lines (each at least one line)."""
+    if config.prompts is None:
+        from agent.starter import StarterConfig, split_conversations
+        from agent.tiny import chitchat_conversations
+
+        _, held_out = split_conversations(chitchat_conversations(), StarterConfig())
+        scripts = [[m["content"] for m in conv if m["role"] == "user"] for conv in held_out]
+    else:
+        scripts = []
+        for i, line in enumerate(Path(config.prompts).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValidationError(f"{config.prompts} line {i}: not JSON: {exc}") from exc
+            if "prompt" in record:
+                scripts.append([str(record["prompt"])])
+            else:
+                scripts.append(
+                    [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
+                )
+    scripts = [s for s in scripts if s]
+    if not scripts:
+        raise ValidationError("no user lines to simulate with: the prompt source is empty")
+    random.Random(config.seed).shuffle(scripts)
+    return [scripts[i % len(scripts)] for i in range(n)]
+
+
+def _judge_likert(score: float, flip: bool) -> int:
+    value = 1 + round(4 * min(max(score, 0.0), 1.0))
+    return 6 - value if flip else value
+
+
+def _judge_pair(score_a: float, score_b: float, flip: bool) -> str:
+    if abs(score_a - score_b) < 1e-9:
+        return "both_bad" if score_a < 0.2 else "tie"
+    a_wins = (score_a > score_b) != flip
+    return "a" if a_wins else "b"
+
+
+def run_chats(config: Config, agent: ChatAgent, store: Store, rng: random.Random) -> list[int]:
+    """Each simulated user chats; returns the conversation ids."""
+    name, oracle = load_oracle(config.oracle)
+    scripts = load_user_lines(config, config.users)
+    conversations = []
+    for i in tqdm(range(config.users), desc="simulated chats", unit="user"):
+        user = store.get_or_create_user(f"sim-user-{i}", "user")
+        conv = agent.new_conversation(user.id, source="simulated", meta={"oracle": name})
+        conversations.append(conv)
+        parent = None
+        for line in scripts[i][: config.turns]:
+            sampling = SamplingParams(
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                seed=rng.randrange(2**31),
+            )
+            first = agent.reply(conv, line, parent_id=parent, sampling=sampling)
+            replies = [first.assistant_message_id]
+            for _ in range(config.replies - 1):
+                sampling.seed = rng.randrange(2**31)
+                *_, last = agent.regenerate(first.assistant_message_id, sampling=sampling)
+                replies.append(last.assistant_message_id)
+            context = store.path(first.user_message_id)
+            chat = [{"role": m.role, "content": m.content} for m in context]
+            scored = [(oracle(chat, store.get_message(r).content), r) for r in replies if r]
+            # The user thumbs their first reply, then continues from the one they like best.
+            flip = rng.random() < config.noise
+            up = (scored[0][0] >= 0.5) != flip
+            store.set_rating(scored[0][1], user.id, "thumb", 1 if up else -1)
+            parent = max(scored)[1]
+    return conversations
+
+
+def annotate(
+    config: Config, store: Store, settings: Settings, conversations: list[int], rng: random.Random
+) -> dict[str, int]:
+    """Annotators work the Likert queue, then compare sibling replies with `overlap` each."""
+    _, oracle = load_oracle(config.oracle)
+    criterion = settings.likert_criteria[0]
+    annotators = [
+        store.get_or_create_user(f"sim-annotator-{j}", "annotator")
+        for j in range(config.annotators)
+    ]
+    mine = set(conversations)
+
+    def score(message_id: int) -> float:
+        path = store.path(message_id)
+        chat = [{"role": m.role, "content": m.content} for m in path[:-1]]
+        return oracle(chat, path[-1].content)
+
+    n_likert = 0
+    for ann in tqdm(annotators, desc="simulated annotators", unit="annotator"):
+        while items := store.next_for_annotation(
+            ann.id, config.overlap, settings.annotation_lease_s, limit=20
+        ):
+            for msg in items:
+                if msg.conversation_id not in mine:
+                    store.skip_annotation(msg.id, ann.id)  # not part of this simulation
+                    continue
+                value = _judge_likert(score(msg.id), rng.random() < config.noise)
+                store.set_rating(msg.id, ann.id, "likert", value, criterion=criterion)
+                n_likert += 1
+    n_pairs = 0
+    for conv in conversations:
+        by_parent: dict[int, list[int]] = {}
+        for m in store.messages(conv):
+            if m.role == "assistant" and m.parent_id is not None and not m.error:
+                by_parent.setdefault(m.parent_id, []).append(m.id)
+        for siblings in by_parent.values():
+            for a, b in combinations(siblings, 2):
+                sa, sb = score(a), score(b)
+                for ann in rng.sample(annotators, config.overlap):
+                    store.add_comparison(
+                        ann.id, a, b, _judge_pair(sa, sb, rng.random() < config.noise)
+                    )
+                    n_pairs += 1
+    return {"likert_ratings": n_likert, "comparisons": n_pairs}
+
+
+def simulate(config: Config, store: Store, agent: ChatAgent, settings: Settings) -> dict[str, Any]:
+    """Chats then annotations; returns counts of what was written."""
+    rng = random.Random(config.seed)
+    conversations = run_chats(config, agent, store, rng)
+    counts = annotate(config, store, settings, conversations, rng)
+    return {"oracle": config.oracle, "conversations": len(conversations), **counts}

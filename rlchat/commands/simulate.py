@@ -1,0 +1,41 @@
+"""`rlchat simulate [--job-config FILE] [--set key=value ...]`: fill the DB with simulated feedback."""
+
+from __future__ import annotations
+
+import argparse
+
+from agent.chat import ChatAgent
+from agent.config import load_dataclass
+from rl import simulate
+from rlchat.commands import open_store
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="scripted users and annotators following a hidden oracle")
+    p.add_argument("--job-config", "-c", dest="job_config", help="YAML file of simulate.Config")
+    p.add_argument("--oracle", help="follow_up, positive, concise or module:function")
+    p.add_argument("--users", type=int, help="number of simulated users (conversations)")
+    p.add_argument("--noise", type=float, help="share of judgements flipped")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any other field of rl.simulate.Config (repeatable)",
+    )
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    for field in ("oracle", "users", "noise"):
+        if getattr(args, field) is not None:
+            overrides.append(f"{field}={getattr(args, field)}")
+    config = load_dataclass(simulate.Config, args.job_config, overrides)
+    settings, store = open_store(args)
+    agent = ChatAgent(store, settings, device=args.device)
+    summary = simulate.simulate(config, store, agent, settings)
+    print(", ".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
