@@ -1,0 +1,47 @@
+"""`rlchat eval [--candidate ID] [--baseline ID] [--oracle NAME] [--set key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from agent.config import load_dataclass
+from rl import evaluate
+from rl.runs import training_run
+from rlchat.commands import open_store
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="compare a candidate policy with the deployed one")
+    p.add_argument("--job-config", "-c", dest="job_config", help="YAML file of rl.evaluate.Config")
+    p.add_argument(
+        "--candidate", type=int, help="policy version to evaluate (default: newest candidate)"
+    )
+    p.add_argument(
+        "--baseline", type=int, help="policy version to compare with (default: deployed)"
+    )
+    p.add_argument("--oracle", help="also report this oracle's score and win-rate")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any field of rl.evaluate.Config (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    for name in ("candidate", "baseline", "oracle"):
+        if getattr(args, name) is not None:
+            overrides.append(f"{name}={getattr(args, name)}")
+    config = load_dataclass(evaluate.Config, args.job_config, overrides)
+    settings, store = open_store(args)
+    with training_run(store, settings, "eval", config) as run:
+        metrics = evaluate.evaluate(config, store, settings)
+        run.finish(metrics=metrics)
+    print(json.dumps(metrics, indent=2) if args.json else evaluate.format_table(metrics))
+    return 0
