@@ -1,0 +1,488 @@
+"""Training data from the feedback log: a snapshot of the DB, split by conversation.
+
+    snap = load_snapshot(store, cutoff=run.data_cutoff)
+    sft = build_sft_data(snap, SFTDataOptions(likert_threshold=4))        # rated-well replies
+    prefs = build_preference_data(snap, PreferenceOptions(ties="drop"))   # chosen / rejected
+    log.info("%s", prefs.summary.format())
+
+Everything reads one snapshot: the rows created at or before a cut-off time, so a job (and its
+resumption) trains on exactly the data it started with. Train and held-out are split **by
+conversation** with a hash of the conversation id (`is_heldout`): deterministic, stable as the
+database grows, and no held-out conversation ever contributes a training row. Rows come out
+in TRL's conversational formats: SFT as prompt-completion ({"prompt": [...messages],
+"completion": [{"role": "assistant", ...}]}, so the loss falls on the rated reply only),
+preferences as {"prompt": [...], "chosen": [...], "rejected": [...], "margin": float}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from agent.errors import ValidationError
+from agent.store.api import Store
+from agent.store.models import Comparison, Conversation, Message, Rating
+
+log = logging.getLogger(__name__)
+
+Chat = list[dict[str, str]]
+SFT_SIGNALS = ("thumb", "likert", "comparison")
+TIE_POLICIES = ("drop", "equal")
+
+
+# ---- snapshot and split ------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """The rows of the feedback log created at or before `cutoff`."""
+
+    cutoff: datetime
+    conversations: dict[int, Conversation]
+    messages: dict[int, Message]
+    ratings: list[Rating]
+    comparisons: list[Comparison]
+
+    def context(self, message_id: int) -> Chat:
+        """The chat before `message_id`: system prompt, then its branch (failed replies left out)."""
+        chain: list[Message] = []
+        parent_id = self.messages[message_id].parent_id
+        while parent_id is not None and parent_id in self.messages:
+            chain.append(self.messages[parent_id])
+            parent_id = self.messages[parent_id].parent_id
+        conv = self.conversations[self.messages[message_id].conversation_id]
+        chat = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt else []
+        return chat + [{"role": m.role, "content": m.content} for m in chain[::-1] if not m.error]
+
+
+def load_snapshot(store: Store, cutoff: datetime) -> Snapshot:
+    """Conversations, messages, ratings and comparisons created at or before `cutoff`."""
+    with store.reading() as s:
+        convs = s.scalars(select(Conversation).where(Conversation.created_at <= cutoff))
+        msgs = s.scalars(select(Message).where(Message.created_at <= cutoff).order_by(Message.id))
+        ratings = s.scalars(select(Rating).where(Rating.created_at <= cutoff).order_by(Rating.id))
+        comps = s.scalars(
+            select(Comparison).where(Comparison.created_at <= cutoff).order_by(Comparison.id)
+        )
+        snap = Snapshot(
+            cutoff=cutoff,
+            conversations={c.id: c for c in convs},
+            messages={m.id: m for m in msgs},
+            ratings=list(ratings),
+            comparisons=list(comps),
+        )
+    snap.messages = {
+        k: m for k, m in snap.messages.items() if m.conversation_id in snap.conversations
+    }
+    snap.ratings = [r for r in snap.ratings if r.message_id in snap.messages]
+    snap.comparisons = [
+        c for c in snap.comparisons if {c.message_a_id, c.message_b_id} <= snap.messages.keys()
+    ]
+    return snap
+
+
+def is_heldout(conversation_id: int, fraction: float, seed: int = 0) -> bool:
+    """Whether a conversation is held out: a hash of (seed, id), the same in every job."""
+    digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_conversations(
+    conversation_ids: set[int] | list[int], fraction: float, seed: int = 0
+) -> tuple[set[int], set[int]]:
+    """(train, held-out) ids by `is_heldout`; at least one held out when there are two or more."""
+    if not 0 <= fraction < 1:
+        raise ValidationError(f"heldout_fraction: must be in [0, 1), got {fraction}")
+    ids = set(conversation_ids)
+    heldout = {c for c in ids if is_heldout(c, fraction, seed)}
+    if fraction > 0 and not heldout and len(ids) >= 2:
+        key = lambda c: hashlib.sha256(f"{seed}:{c}".encode()).digest()  # noqa: E731
+        heldout = {min(ids, key=key)}
+    return ids - heldout, heldout
+
+
+# ---- summaries ---------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """What a dataset build kept and why it dropped the rest (counts by reason)."""
+
+    name: str
+    kept: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def format(self) -> str:
+        kept = ", ".join(f"{k}: {n}" for k, n in sorted(self.kept.items())) or "nothing"
+        lines = [f"{self.name} dataset: kept {kept}"]
+        lines += [f"  dropped {n:>6} {reason}" for reason, n in self.dropped.most_common()]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kept": dict(self.kept), "dropped": dict(self.dropped)}
+
+
+# ---- SFT ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTDataOptions:
+    """Which replies count as good demonstrations."""
+
+    signals: list[str] = field(default_factory=lambda: list(SFT_SIGNALS))
+    """Feedback that can select a reply: thumb (more ups than downs), likert, comparison (won)."""
+    likert_threshold: float = 4.0
+    """A reply whose mean Likert score (all raters and criteria) reaches this is good."""
+    heldout_fraction: float = 0.2
+    """Share of conversations held out for evaluation."""
+    seed: int = 0
+    """Seed of the train / held-out split."""
+    extra_jsonl: str = ""
+    """Optional JSONL of extra training rows: {"messages": [...]} or {"prompt", "completion"}."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.signals) - set(SFT_SIGNALS))
+        if unknown or not self.signals:
+            raise ValidationError(f"sft signals: {unknown or 'none'}; choose from {SFT_SIGNALS}")
+
+
+@dataclass
+class SFTData:
+    """Prompt-completion rows for SFT, with the message ids behind them."""
+
+    train: list[dict[str, Chat]]
+    heldout: list[dict[str, Chat]]
+    train_ids: list[int]
+    heldout_ids: list[int]
+    heldout_conversations: list[int]
+    summary: Summary
+
+    def data_ids(self) -> dict[str, Any]:
+        return {
+            "messages": self.train_ids,
+            "heldout_messages": self.heldout_ids,
+            "heldout_conversations": self.heldout_conversations,
+        }
+
+
+def _verdicts(snap: Snapshot, threshold: float) -> dict[int, dict[str, int]]:
+    """Per reply and signal: +1 good, -1 bad (signals absent are left out)."""
+    thumbs: dict[int, list[float]] = defaultdict(list)
+    likerts: dict[int, list[float]] = defaultdict(list)
+    for r in snap.ratings:
+        (thumbs if r.kind == "thumb" else likerts)[r.message_id].append(r.value)
+    wins: Counter[int] = Counter()
+    for c in snap.comparisons:
+        if c.choice in ("a", "b"):
+            winner, loser = (c.message_a_id, c.message_b_id)[:: 1 if c.choice == "a" else -1]
+            wins[winner] += 1
+            wins[loser] -= 1
+    verdicts: dict[int, dict[str, int]] = defaultdict(dict)
+    for mid, values in thumbs.items():
+        if sum(values):
+            verdicts[mid]["thumb"] = 1 if sum(values) > 0 else -1
+    for mid, values in likerts.items():
+        verdicts[mid]["likert"] = 1 if sum(values) / len(values) >= threshold else -1
+    for mid, net in wins.items():
+        if net:
+            verdicts[mid]["comparison"] = 1 if net > 0 else -1
+    return verdicts
+
+
+def build_sft_data(snap: Snapshot, options: SFTDataOptions) -> SFTData:
+    """Replies rated well by an enabled signal (and badly by none), with their context."""
+    summary = Summary("SFT")
+    verdicts = _verdicts(snap, options.likert_threshold)
+    _, heldout_convs = split_conversations(
+        snap.conversations.keys(), options.heldout_fraction, options.seed
+    )
+    rows: dict[str, list[dict[str, Chat]]] = {"train": [], "heldout": []}
+    ids: dict[str, list[int]] = {"train": [], "heldout": []}
+    for mid, msg in snap.messages.items():
+        if msg.role != "assistant":
+            continue
+        votes = {k: v for k, v in verdicts.get(mid, {}).items() if k in options.signals}
+        context = snap.context(mid)
+        reason = (
+            "failed or empty reply" if msg.error or not msg.content.strip()
+            else "not rated by an enabled signal" if not votes
+            else "conflicting feedback" if 1 in votes.values() and -1 in votes.values()
+            else "rated badly" if 1 not in votes.values()
+            else "context does not end with a user turn" if not context or context[-1]["role"] != "user"
+            else ""
+        )  # fmt: skip
+        if reason:
+            summary.dropped[reason] += 1
+            continue
+        split = "heldout" if msg.conversation_id in heldout_convs else "train"
+        completion = [{"role": "assistant", "content": msg.content}]
+        rows[split].append({"prompt": context, "completion": completion})
+        ids[split].append(mid)
+    if options.extra_jsonl:
+        extra = read_sft_jsonl(options.extra_jsonl)
+        rows["train"] += extra
+        summary.kept["extra (train)"] = len(extra)
+    summary.kept["train"] = len(ids["train"])
+    summary.kept["heldout"] = len(ids["heldout"])
+    summary.kept["train conversations"] = len(
+        {snap.messages[i].conversation_id for i in ids["train"]}
+    )
+    return SFTData(
+        rows["train"], rows["heldout"], ids["train"], ids["heldout"], sorted(heldout_convs), summary
+    )
+
+
+def read_sft_jsonl(path: str | Path) -> list[dict[str, Chat]]:
+    """Extra SFT rows from JSONL: {"messages": [..., assistant]} or {"prompt", "completion"}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError(f"extra_jsonl: {path} does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"extra_jsonl: {path} line {n} is not JSON: {exc}") from exc
+        if "messages" in row:
+            row = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+        if (
+            not row.get("prompt")
+            or not row.get("completion")
+            or row["completion"][-1].get("role") != "assistant"
+        ):
+            raise ValidationError(
+                f'extra_jsonl: {path} line {n} needs "messages" ending with an assistant turn, '
+                'or "prompt" and "completion" (an assistant message)'
+            )
+        rows.append({"prompt": row["prompt"], "completion": row["completion"]})
+    return rows
+
+
+# ---- preferences -------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceOptions:
+    """How comparisons and ratings become (chosen, rejected) pairs."""
+
+    use_comparisons: bool = True
+    """Use explicit A/B comparisons."""
+    use_ratings: bool = True
+    """Derive pairs from the ratings of sibling replies (same parent, different mean score)."""
+    ties: str = "drop"
+    """Ties: "drop", or "equal" (train both orders with no margin, pulling the scores together)."""
+    both_bad: str = "drop"
+    """Both-bad verdicts: "drop" or "equal" (as for ties)."""
+    normalize_raters: bool = True
+    """Z-score each rater's scores per kind (and criterion) before averaging them."""
+    min_rater_ratings: int = 3
+    """Raters with fewer ratings of a kind are not normalised (their raw score is used)."""
+    min_rating_gap: float = 0.5
+    """Smallest difference of mean scores that makes a rating-derived pair."""
+    margin_scale: float = 1.0
+    """Margin of a rating-derived pair = margin_scale * (score difference)."""
+    comparison_margin: float = 0.0
+    """Margin of an explicit comparison (times the share of raters agreeing, net)."""
+    heldout_fraction: float = 0.2
+    """Share of conversations held out for evaluation."""
+    seed: int = 0
+    """Seed of the train / held-out split."""
+
+    def __post_init__(self) -> None:
+        for name in ("ties", "both_bad"):
+            if getattr(self, name) not in TIE_POLICIES:
+                raise ValidationError(
+                    f"{name}: {getattr(self, name)!r} is not one of {TIE_POLICIES}"
+                )
+
+
+@dataclass
+class Pair:
+    """One preference: `chosen_id` beats `rejected_id` (both replies to the same parent)."""
+
+    conversation_id: int
+    chosen_id: int
+    rejected_id: int
+    margin: float
+    source: str
+    """comparison, ratings or tie (a tie/both-bad pair trained both ways)."""
+    row_ids: list[int]
+    """The comparison or rating rows behind the pair."""
+
+
+@dataclass
+class PreferenceData:
+    """TRL preference rows ({"prompt", "chosen", "rejected", "margin"}) and the pairs behind them."""
+
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    train_pairs: list[Pair]
+    heldout_pairs: list[Pair]
+    heldout_conversations: list[int]
+    summary: Summary
+
+    def data_ids(self) -> dict[str, Any]:
+        pairs = self.train_pairs + self.heldout_pairs
+        ratings = sorted({i for p in pairs if p.source == "ratings" for i in p.row_ids})
+        comparisons = sorted({i for p in pairs if p.source != "ratings" for i in p.row_ids})
+        return {
+            "comparisons": comparisons,
+            "ratings": ratings,
+            "pairs": [[p.chosen_id, p.rejected_id] for p in self.train_pairs],
+            "heldout_pairs": [[p.chosen_id, p.rejected_id] for p in self.heldout_pairs],
+            "heldout_conversations": self.heldout_conversations,
+        }
+
+
+def _scaled(r: Rating) -> float:
+    """A rating on [-1, 1]: thumbs as they are, Likert 1..5 mapped linearly."""
+    return r.value if r.kind == "thumb" else (r.value - 3) / 2
+
+
+def rating_scores(snap: Snapshot, options: PreferenceOptions) -> dict[int, tuple[float, list[int]]]:
+    """Per reply: its mean (optionally rater-normalised) score and the rating ids behind it."""
+    groups: dict[tuple[int, str, str], list[Rating]] = defaultdict(list)
+    for r in snap.ratings:
+        groups[(r.rater_id, r.kind, r.criterion)].append(r)
+    per_message: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for group in groups.values():
+        values = [_scaled(r) for r in group]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        normalise = options.normalize_raters and len(values) >= options.min_rater_ratings
+        for r, v in zip(group, values, strict=True):
+            score = ((v - mean) / std if std > 1e-6 else 0.0) if normalise else v
+            per_message[r.message_id].append((score, r.id))
+    return {
+        mid: (sum(s for s, _ in items) / len(items), [i for _, i in items])
+        for mid, items in per_message.items()
+    }
+
+
+def _comparison_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summary) -> list[Pair]:
+    votes: dict[tuple[int, int], list[tuple[int, str]]] = defaultdict(list)
+    for c in snap.comparisons:
+        lo, hi = sorted((c.message_a_id, c.message_b_id))
+        flipped = c.message_a_id != lo
+        choice = {"a": "b", "b": "a"}.get(c.choice, c.choice) if flipped else c.choice
+        votes[(lo, hi)].append((c.id, choice))  # "a" now means `lo` won
+    pairs = []
+    for (lo, hi), vs in votes.items():
+        count = Counter(choice for _, choice in vs)
+        ids = [i for i, _ in vs]
+        conv = snap.messages[lo].conversation_id
+        net = count["a"] - count["b"]
+        if net:
+            margin = options.comparison_margin * abs(net) / len(vs)
+            chosen, rejected = (lo, hi) if net > 0 else (hi, lo)
+            pairs.append(Pair(conv, chosen, rejected, margin, "comparison", ids))
+        elif count["a"]:
+            summary.dropped["comparison: raters disagree"] += 1
+        else:
+            kind = "ties" if count["tie"] >= count["both_bad"] else "both_bad"
+            if getattr(options, kind) == "drop":
+                summary.dropped[f"comparison: {kind.replace('_', '-')} (dropped by config)"] += 1
+                continue
+            pairs += [Pair(conv, lo, hi, 0.0, "tie", ids), Pair(conv, hi, lo, 0.0, "tie", ids)]
+    return pairs
+
+
+def _rating_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summary) -> list[Pair]:
+    scores = rating_scores(snap, options)
+    siblings: dict[int | None, list[int]] = defaultdict(list)
+    for mid in scores:
+        msg = snap.messages[mid]
+        if msg.role == "assistant" and not msg.error:
+            siblings[msg.parent_id].append(mid)
+    pairs = []
+    for group in siblings.values():
+        for i, x in enumerate(sorted(group)):
+            for y in sorted(group)[i + 1 :]:
+                gap = scores[x][0] - scores[y][0]
+                if abs(gap) < options.min_rating_gap:
+                    summary.dropped["ratings: sibling scores too close"] += 1
+                    continue
+                chosen, rejected = (x, y) if gap > 0 else (y, x)
+                conv = snap.messages[x].conversation_id
+                ids = scores[x][1] + scores[y][1]
+                pairs.append(
+                    Pair(conv, chosen, rejected, options.margin_scale * abs(gap), "ratings", ids)
+                )
+    return pairs
+
+
+def _dedup(snap: Snapshot, pairs: list[Pair], summary: Summary) -> list[Pair]:
+    """One pair per (reply, reply) and per text: explicit comparisons win over rating-derived ones."""
+    seen_ids: dict[frozenset[int], Pair] = {}
+    seen_text: set[tuple[str, str, str]] = set()
+    kept = []
+    for p in pairs:
+        key = frozenset((p.chosen_id, p.rejected_id))
+        first = seen_ids.get(key)
+        if first is not None and not (p.source == first.source == "tie"):
+            clash = " (opposite order)" if first.chosen_id != p.chosen_id else ""
+            summary.dropped[f"{p.source}: same replies as a {first.source} pair{clash}"] += 1
+            continue
+        seen_ids[key] = p
+        chosen, rejected = snap.messages[p.chosen_id].content, snap.messages[p.rejected_id].content
+        text_key = (json.dumps(snap.context(p.chosen_id)), chosen, rejected)
+        if chosen.strip() == rejected.strip() or text_key in seen_text:
+            summary.dropped[f"{p.source}: identical replies or duplicate text"] += 1
+            continue
+        seen_text.add(text_key)
+        kept.append(p)
+    return kept
+
+
+def build_preference_data(snap: Snapshot, options: PreferenceOptions) -> PreferenceData:
+    """Deduplicated (chosen, rejected) pairs from comparisons and sibling ratings, split by conversation."""
+    summary = Summary("preference")
+    pairs = _comparison_pairs(snap, options, summary) if options.use_comparisons else []
+    pairs += _rating_pairs(snap, options, summary) if options.use_ratings else []
+    pairs = _dedup(snap, pairs, summary)
+    _, heldout_convs = split_conversations(
+        snap.conversations.keys(), options.heldout_fraction, options.seed
+    )
+    train: list[Pair] = []
+    heldout: list[Pair] = []
+    for p in pairs:
+        context = snap.context(p.chosen_id)
+        if not context or context[-1]["role"] != "user":
+            summary.dropped[f"{p.source}: context does not end with a user turn"] += 1
+        elif p.conversation_id not in heldout_convs:
+            train.append(p)
+        elif p.source == "tie":
+            summary.dropped["tie: held out (ties are not scored)"] += 1
+        else:
+            heldout.append(p)
+    for name, group in (("train", train), ("heldout", heldout)):
+        for source, n in Counter(p.source for p in group).items():
+            summary.kept[f"{name} {source}"] = n
+    return PreferenceData(
+        [to_row(snap, p) for p in train],
+        [to_row(snap, p) for p in heldout],
+        train,
+        heldout,
+        sorted(heldout_convs),
+        summary,
+    )
+
+
+def to_row(snap: Snapshot, pair: Pair) -> dict[str, Any]:
+    """A pair in TRL's conversational preference format, with its margin."""
+    return {
+        "prompt": snap.context(pair.chosen_id),
+        "chosen": [{"role": "assistant", "content": snap.messages[pair.chosen_id].content}],
+        "rejected": [{"role": "assistant", "content": snap.messages[pair.rejected_id].content}],
+        "margin": float(pair.margin),
+    }

@@ -1,0 +1,133 @@
+"""The reward model's scoring API: `RewardModel.load(dir).score(contexts, replies) -> (B,)`.
+
+A `reward` model version directory is self-contained: a Hugging Face sequence-classification
+model with one label (LoRA already merged in), its tokenizer, and `reward_stats.json` with the
+mean and std of its raw scores on a reference set, so that `score(..., normalize=True)` puts
+rewards on a standard scale (mean 0, std 1 on the reference replies). Replies are encoded
+exactly as in training: the chat template over context + the assistant reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from agent.errors import NotFoundError, ValidationError
+from agent.modeling import default_dtype, load_tokenizer, pick_device
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "reward_stats.json"
+"""Mean, std and max_length of a saved reward model, next to its weights."""
+
+Chat = list[dict[str, str]]
+
+
+class RewardModel:
+    """A scalar reward for (context, reply), batched, on CPU or GPU."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        mean: float = 0.0,
+        std: float = 1.0,
+        max_length: int = 1024,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.mean = mean
+        self.std = std
+        self.max_length = max_length
+        self.model.config.pad_token_id = tokenizer.pad_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device | None = None) -> RewardModel:
+        """A saved reward model version directory, on `device` (auto: CUDA in bf16, else CPU)."""
+        path = Path(path)
+        if not (path / "config.json").is_file() or not (path / STATS_FILE).is_file():
+            raise NotFoundError(
+                f"reward model {path}: looked for config.json and {STATS_FILE} there and did not "
+                "find both; give the directory of a `reward` model version (`rlchat models list`)"
+            )
+        stats = json.loads((path / STATS_FILE).read_text())
+        chosen = pick_device(device)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=default_dtype(chosen)
+        )
+        return cls(
+            model.to(chosen),
+            load_tokenizer(path),
+            mean=float(stats["mean"]),
+            std=float(stats["std"]),
+            max_length=int(stats.get("max_length", 1024)),
+        )
+
+    def save(self, path: str | Path, extra_stats: dict[str, Any] | None = None) -> Path:
+        """Write weights, tokenizer and `reward_stats.json` to `path` (a new directory)."""
+        path = Path(path)
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+        stats = {"mean": self.mean, "std": self.std, "max_length": self.max_length}
+        (path / STATS_FILE).write_text(json.dumps({**stats, **(extra_stats or {})}, indent=2))
+        return path
+
+    def encode(self, context: Chat, reply: str) -> list[int]:
+        """Token ids of context + reply, as the trainer saw them; the start is cut when too long."""
+        chat = [*context, {"role": "assistant", "content": reply}]
+        ids = self.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        return list(ids)[-self.max_length :]
+
+    @torch.no_grad()
+    def score(
+        self,
+        contexts: list[Chat],
+        replies: list[str],
+        *,
+        normalize: bool = True,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        """Rewards (B,) float32 on the CPU; contexts are chats that end with a user turn."""
+        if len(contexts) != len(replies):
+            raise ValidationError(
+                f"replies: got {len(replies)} replies for {len(contexts)} contexts; give one each"
+            )
+        if batch_size < 1:
+            raise ValidationError(f"batch_size: must be >= 1, got {batch_size}")
+        encoded = [self.encode(c, r) for c, r in zip(contexts, replies, strict=True)]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = torch.empty(len(encoded), dtype=torch.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            scores[idx] = self._forward([encoded[i] for i in idx])
+        if normalize:
+            scores = (scores - self.mean) / self.std
+        return scores
+
+    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        """Raw scores of one batch, right-padded (the model pools the last non-PAD token)."""
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        out = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+        )
+        return out.logits.squeeze(-1).float().cpu()  # (B,)

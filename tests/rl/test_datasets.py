@@ -1,0 +1,167 @@
+"""Datasets from the feedback log: snapshot, by-conversation split, SFT rows, preference pairs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from synthetic import fill_synthetic_feedback
+
+from agent.errors import ValidationError
+from agent.store.api import Store
+from agent.store.models import utcnow
+from rl.datasets import (
+    PreferenceOptions,
+    SFTDataOptions,
+    build_preference_data,
+    build_sft_data,
+    load_snapshot,
+    rating_scores,
+    read_sft_jsonl,
+    split_conversations,
+)
+
+
+def test_split_is_deterministic_disjoint_and_stable() -> None:
+    train, heldout = split_conversations(range(1, 501), 0.2, seed=0)
+    assert (train, heldout) == split_conversations(range(1, 501), 0.2, seed=0)
+    assert not train & heldout and len(train | heldout) == 500
+    assert 70 <= len(heldout) <= 130
+    # Stable as the database grows: old conversations keep their side.
+    _, heldout_more = split_conversations(range(1, 1001), 0.2, seed=0)
+    assert heldout_more & set(range(1, 501)) == heldout
+    assert split_conversations(range(1, 501), 0.2, seed=1)[1] != heldout
+    assert len(split_conversations([7, 8], 0.01)[1]) == 1  # always something to evaluate on
+
+
+def test_sft_rows_are_well_rated_replies_with_their_context(store: Store) -> None:
+    info = fill_synthetic_feedback(store, 16, seed=1)
+    snap = load_snapshot(store, utcnow())
+    data = build_sft_data(snap, SFTDataOptions())
+    ids = data.train_ids + data.heldout_ids
+    assert ids and set(ids) <= set(info["good"])
+    for row in data.train + data.heldout:
+        assert row["prompt"][0]["role"] == "system" and row["prompt"][-1]["role"] == "user"
+        assert [m["role"] for m in row["completion"]] == ["assistant"]
+        assert "?" in row["completion"][0]["content"]
+    assert data.summary.dropped["rated badly"] > 0
+    assert "kept" in data.summary.format() and "rated badly" in data.summary.format()
+
+
+def test_no_heldout_conversation_in_training_data(store: Store) -> None:
+    fill_synthetic_feedback(store, 30, seed=2, replies_per_turn=3)
+    snap = load_snapshot(store, utcnow())
+    conv_of = {m.id: m.conversation_id for m in snap.messages.values()}
+    sft = build_sft_data(snap, SFTDataOptions(heldout_fraction=0.3))
+    prefs = build_preference_data(snap, PreferenceOptions(heldout_fraction=0.3))
+    for heldout_convs, train_ids, heldout_ids in (
+        (sft.heldout_conversations, sft.train_ids, sft.heldout_ids),
+        (
+            prefs.heldout_conversations,
+            [i for p in prefs.train_pairs for i in (p.chosen_id, p.rejected_id)],
+            [i for p in prefs.heldout_pairs for i in (p.chosen_id, p.rejected_id)],
+        ),
+    ):
+        assert heldout_ids and train_ids
+        assert not {conv_of[i] for i in train_ids} & set(heldout_convs)
+        assert {conv_of[i] for i in heldout_ids} <= set(heldout_convs)
+
+
+def test_preference_pairs_follow_the_raters_and_are_deduplicated(store: Store) -> None:
+    info = fill_synthetic_feedback(store, 20, seed=3, replies_per_turn=3)
+    snap = load_snapshot(store, utcnow())
+    data = build_preference_data(snap, PreferenceOptions())
+    pairs = data.train_pairs + data.heldout_pairs
+    assert {p.chosen_id for p in pairs} <= set(info["good"])
+    assert {p.rejected_id for p in pairs} <= set(info["bad"])
+    keys = [frozenset((p.chosen_id, p.rejected_id)) for p in pairs]
+    assert len(keys) == len(set(keys))
+    assert any("same replies as a comparison pair" in r for r in data.summary.dropped)
+    row = data.train[0]
+    assert set(row) == {"prompt", "chosen", "rejected", "margin"}
+    assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+    ids = data.data_ids()
+    assert ids["comparisons"] and ids["heldout_conversations"] == data.heldout_conversations
+
+
+def test_rating_derived_pairs_get_margins_from_the_score_gap(store: Store) -> None:
+    info = fill_synthetic_feedback(store, 20, seed=4, compare=False, p_thumb=1.0, p_likert=1.0)
+    snap = load_snapshot(store, utcnow())
+    options = PreferenceOptions(use_comparisons=False, margin_scale=0.5)
+    data = build_preference_data(snap, options)
+    pairs = data.train_pairs + data.heldout_pairs
+    assert pairs and all(p.source == "ratings" for p in pairs)
+    assert {p.chosen_id for p in pairs} <= set(info["good"])
+    scores = rating_scores(snap, options)
+    for p in pairs:
+        gap = scores[p.chosen_id][0] - scores[p.rejected_id][0]
+        assert p.margin == pytest.approx(0.5 * gap) and gap >= options.min_rating_gap
+
+
+def test_rater_normalisation_removes_a_raters_constant_bias(store: Store) -> None:
+    rater = store.get_or_create_user("always-five", "annotator").id
+    user = store.get_or_create_user("someone").id
+    conv = store.create_conversation(user, "")
+    ask = store.append_message(conv, "user", "hi")
+    replies = [store.append_message(conv, "assistant", f"reply {i}", ask) for i in range(4)]
+    for mid in replies:
+        store.set_rating(mid, rater, "likert", 5, criterion="helpfulness")
+    snap = load_snapshot(store, utcnow())
+    normalised = rating_scores(snap, PreferenceOptions(normalize_raters=True))
+    raw = rating_scores(snap, PreferenceOptions(normalize_raters=False))
+    assert {normalised[m][0] for m in replies} == {0.0}
+    assert {raw[m][0] for m in replies} == {1.0}
+
+
+def test_ties_are_dropped_or_trained_both_ways(store: Store) -> None:
+    fill_synthetic_feedback(store, 30, seed=5, replies_per_turn=3, p_thumb=0, p_likert=0)
+    snap = load_snapshot(store, utcnow())
+    dropped = build_preference_data(snap, PreferenceOptions(ties="drop", both_bad="drop"))
+    kept = build_preference_data(snap, PreferenceOptions(ties="equal", both_bad="equal"))
+    assert not any(p.source == "tie" for p in dropped.train_pairs)
+    assert any("ties (dropped by config)" in r for r in dropped.summary.dropped)
+    ties = [p for p in kept.train_pairs if p.source == "tie"]
+    assert ties and all(p.margin == 0 for p in ties)
+    assert Counter(frozenset((p.chosen_id, p.rejected_id)) for p in ties).most_common(1)[0][1] == 2
+    assert not any(p.source == "tie" for p in kept.heldout_pairs)
+
+
+def test_snapshot_excludes_rows_after_the_cutoff(store: Store) -> None:
+    fill_synthetic_feedback(store, 4, seed=6)
+    cutoff = utcnow()
+    before = load_snapshot(store, cutoff)
+    fill_synthetic_feedback(store, 4, seed=7)
+    again = load_snapshot(store, cutoff)
+    assert again.messages.keys() == before.messages.keys()
+    assert [r.id for r in again.ratings] == [r.id for r in before.ratings]
+    assert len(load_snapshot(store, utcnow()).conversations) == 8
+
+
+def test_extra_jsonl_rows_join_the_training_set(store: Store, tmp_path: Path) -> None:
+    fill_synthetic_feedback(store, 6, seed=8)
+    path = tmp_path / "extra.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey?"}]},
+        {
+            "prompt": [{"role": "user", "content": "yo"}],
+            "completion": [{"role": "assistant", "content": "hi!"}],
+        },
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    snap = load_snapshot(store, utcnow())
+    plain = build_sft_data(snap, SFTDataOptions())
+    data = build_sft_data(snap, SFTDataOptions(extra_jsonl=str(path)))
+    assert len(data.train) == len(plain.train) + 2
+    assert data.train[-2]["prompt"] == [{"role": "user", "content": "hi"}]
+    assert data.summary.kept["extra (train)"] == 2
+
+
+def test_bad_extra_jsonl_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ValidationError, match="line 1"):
+        read_sft_jsonl(path)
+    with pytest.raises(ValidationError, match="does not exist"):
+        read_sft_jsonl(tmp_path / "missing.jsonl")
