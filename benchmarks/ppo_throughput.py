@@ -1,0 +1,413 @@
+"""Throughput and reward gain: our PPO vs TRL 1.9.0's PPOTrainer vs the current TRL's RLOOTrainer.
+
+    .venv/bin/pip install --no-deps --target .bench/trl190 trl==1.9.0
+    .venv/bin/python benchmarks/ppo_throughput.py --steps 30            # CPU: a small model
+    .venv/bin/python benchmarks/ppo_throughput.py --hidden 1152 --layers 24  # GPU: a larger shape
+
+One invocation prepares one policy model, one reward model (a sequence classifier with a
+random score head, the same weights for all three) and one prompt set, then runs the three
+trainers in turn, each in its own subprocess (TRL 1.9.0 and the current TRL cannot share an
+interpreter; 1.9.0 is put first on sys.path for its run). All use LoRA on the policy, the same
+batch (16 replies per iteration, minibatches of 8, 2 epochs), reply length, sampling
+(temperature 1, full distribution), KL coefficient and learning rate. Reported per trainer:
+generated tokens per second of generation ("rollout") and of everything else ("update":
+scoring forwards, reward, optimisation), overall tokens/s, and reward gained per minute
+(mean reward-model score of the last quarter of iterations minus the first quarter, over the
+run's time). Time is process CPU time on CPU (the machine may be shared; each run uses
+`--threads` threads) and wall time on GPU. Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_190 = ROOT / ".bench" / "trl190"
+TRAINERS = ("ours", "trl190_ppo", "trl_rloo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30, help="iterations (batches of 16 replies)")
+    p.add_argument("--hidden", type=int, default=256, help="model width")
+    p.add_argument("--layers", type=int, default=4, help="model depth")
+    p.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary")
+    p.add_argument("--reply-tokens", type=int, default=24, help="max new tokens per reply")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (LoRA)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    p.add_argument("--work", type=Path, default=ROOT / ".bench" / "ppo_work", help="scratch dir")
+    p.add_argument(
+        "--clock", choices=("auto", "cpu", "wall"), default="auto",
+        help="time with process CPU time or wall time (auto: cpu without CUDA, else wall)",
+    )  # fmt: skip
+    p.add_argument("--only", choices=TRAINERS, action="append", help="run only these")
+    p.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---- shared inputs ---------------------------------------------------------------------------
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Policy dir, reward model dir and prompts under args.work (built once, reused)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from agent.tiny import build_tiny_model, chitchat_conversations
+
+    work = args.work
+    if (work / "prompts.json").is_file():
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    policy = build_tiny_model(
+        work / "policy", hidden_size=args.hidden, num_layers=args.layers, vocab_size=args.vocab
+    )
+    # A random model's logits are nearly uniform and out of a LoRA adapter's reach; scaled
+    # (tied) embeddings make it peaked, like a trained model (see tests/rl/test_ppo.py).
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(4.0)
+    model.save_pretrained(policy)
+    torch.manual_seed(1)
+    reward = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
+    reward.save_pretrained(work / "reward")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(policy).save_pretrained(work / "reward")
+    (work / "reward" / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+    prompts = [turns[0][:200] for turns in chitchat_conversations(limit=256)]
+    (work / "prompts.json").write_text(json.dumps(prompts))
+
+
+def result(
+    name: str,
+    tokens: float,
+    gen_s: float,
+    step_s: float,
+    rewards: list[float],
+    wall_s: float,
+    device: str,
+) -> dict[str, Any]:
+    """Summary of one run from its totals and its per-iteration mean rewards."""
+    q = max(1, len(rewards) // 4)
+    first, last = sum(rewards[:q]) / q, sum(rewards[-q:]) / q
+    return {
+        "trainer": name,
+        "device": device,
+        "iterations": len(rewards),
+        "tokens": tokens,
+        "rollout_tokens_per_s": tokens / gen_s,
+        "update_tokens_per_s": tokens / max(step_s - gen_s, 1e-9),
+        "tokens_per_s": tokens / step_s,
+        "reward_first": first,
+        "reward_last": last,
+        "reward_gain_per_min": (last - first) / (wall_s / 60),
+        "clock_s": wall_s,
+        "clock": "cpu" if CLOCK["fn"] is time.process_time else "wall",
+    }
+
+
+# ---- the three trainers (each runs in a child process) ---------------------------------------
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+
+    from agent.modeling import Policy
+    from rl.env import DialogueVectorEnv, Prompt
+    from rl.ppo import PPOConfig, PPOTrainer
+    from rl.reward_model import RewardModel
+
+    work = args.work
+    prompts = [
+        Prompt([{"role": "user", "content": t}])
+        for t in json.loads((work / "prompts.json").read_text())
+    ]
+    config = PPOConfig(
+        batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=args.reply_tokens,
+        learning_rate=args.lr, kl_coef=0.05, missing_eos_penalty=0.0, max_prompt_tokens=128,
+    )  # fmt: skip
+    policy = Policy(work / "policy")
+    trainer = PPOTrainer(config, policy)
+    reward = RewardModel.load(work / "reward", device=policy.device)
+    envs = DialogueVectorEnv(16, prompts, reward)
+    envs.reset(seed=0)
+    gen = {"s": 0.0}
+    original = trainer._generate
+
+    def timed_generate(contexts):  # noqa: ANN001, ANN202
+        _sync()
+        start = now()
+        out = original(contexts)
+        _sync()
+        gen["s"] += now() - start
+        return out
+
+    trainer._generate = timed_generate  # type: ignore[method-assign]
+    tokens, rewards, wall = 0.0, [], now()
+    for _ in range(args.steps):
+        m = trainer.train_step(envs)
+        tokens += m["reply/length"] * 16
+        rewards.append(m["reward/mean"])
+    _sync()
+    wall = now() - wall
+    return result("ours", tokens, gen["s"], wall, rewards, wall, str(policy.device))
+
+
+CLOCK = {"fn": time.perf_counter}
+
+
+def now() -> float:
+    """The benchmark clock: process CPU time on CPU runs (other jobs sharing the machine do not
+    count), wall time on GPU runs (`--clock`)."""
+    return CLOCK["fn"]()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepRecorder:
+    """A transformers TrainerCallback (built lazily) that times steps and keeps logged rewards."""
+
+    def __init__(self, reward_key: str) -> None:
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+                recorder.step_start = now()
+
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+                _sync()
+                t = now()
+                recorder.step_times.append(t - recorder.step_start)
+                recorder.step_start = t
+
+            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+                if logs and reward_key in logs and logs[reward_key] == logs[reward_key]:  # not NaN
+                    recorder.rewards.append(float(logs[reward_key]))
+
+        self.callback = Callback()
+        self.step_start = 0.0
+        self.step_times: list[float] = []
+        self.rewards: list[float] = []
+        self.gen_times: list[float] = []
+        self.gen_tokens: list[int] = []
+
+    def timed(self, fn, count_tokens):  # noqa: ANN001, ANN201
+        """`fn` wrapped to add its time and generated-token count to the current step."""
+
+        def wrapper(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            _sync()
+            start = now()
+            out = fn(*a, **kw)
+            _sync()
+            self.gen_times.append(now() - start)
+            self.gen_tokens.append(count_tokens(a, kw, out))
+            return out
+
+        return wrapper
+
+
+def lora_config():  # noqa: ANN201
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+
+
+def run_trl190_ppo(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(TRL_190))
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+
+    from agent.modeling import encode_chat, load_base
+
+    if trl.__version__ != "1.9.0":
+        raise RuntimeError(f"expected TRL 1.9.0 from {TRL_190}, got {trl.__version__}")
+    from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
+
+    work = args.work
+    model, tok = load_base(work / "policy")
+    texts = json.loads((work / "prompts.json").read_text())
+    dataset = Dataset.from_dict(
+        {"input_ids": [encode_chat(tok, [{"role": "user", "content": t}])[-128:] for t in texts]}
+    )
+    dtype = model.dtype
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        work / "reward", num_labels=1, dtype=dtype
+    )
+    value = AutoModelForSequenceClassification.from_pretrained(
+        work / "reward", num_labels=1, dtype=dtype
+    )
+    for m in (reward, value):
+        m.config.pad_token_id = tok.pad_token_id
+    config = PPOConfig(
+        output_dir=str(work / "trl190_out"), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        num_mini_batches=2, num_ppo_epochs=2, total_episodes=16 * args.steps, response_length=args.reply_tokens,
+        learning_rate=args.lr, kl_coef=0.05, temperature=1.0, missing_eos_penalty=None, stop_token="eos",
+        local_rollout_forward_batch_size=16, num_sample_generations=0, report_to="none", logging_steps=1,
+        save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), seed=0,
+    )  # fmt: skip
+    recorder = StepRecorder("objective/scores")
+
+    def count(a, kw, out):  # noqa: ANN001, ANN202
+        query_responses = out[0]
+        responses = query_responses[:, a[1].shape[1] :]
+        return int((responses != tok.pad_token_id).sum())
+
+    ppo_trainer.batch_generation = recorder.timed(ppo_trainer.batch_generation, count)
+    trainer = PPOTrainer(
+        args=config, processing_class=tok, model=model, ref_model=None, reward_model=reward,
+        train_dataset=dataset, value_model=value, peft_config=lora_config(), callbacks=[recorder.callback],
+    )  # fmt: skip
+    wall = now()
+    trainer.train()
+    wall = now() - wall
+    return _from_recorder("trl190_ppo", recorder, wall, str(model.device))
+
+
+def _from_recorder(name: str, rec: StepRecorder, wall: float, device: str) -> dict[str, Any]:
+    """Totals over the whole run (step times cover the training loop, not the set-up)."""
+    return result(
+        name,
+        sum(rec.gen_tokens),
+        sum(rec.gen_times),
+        sum(rec.step_times),
+        rec.rewards,
+        wall,
+        device,
+    )
+
+
+def run_trl_rloo(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RLOOConfig, RLOOTrainer
+
+    from agent.modeling import load_base
+
+    work = args.work
+    model, tok = load_base(work / "policy")
+    texts = json.loads((work / "prompts.json").read_text())
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        work / "reward", num_labels=1, dtype=model.dtype
+    )
+    reward.config.pad_token_id = tok.pad_token_id
+    # 8 prompts x 2 completions = 16 replies per generation, used for 2 minibatches x 2 epochs.
+    config = RLOOConfig(
+        output_dir=str(work / "rloo_out"), per_device_train_batch_size=8, num_generations=2,
+        steps_per_generation=2, num_iterations=2, max_steps=4 * args.steps,
+        max_completion_length=args.reply_tokens, learning_rate=args.lr, beta=0.05, temperature=1.0,
+        top_p=1.0, report_to="none", logging_steps=1, save_strategy="no",
+        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), seed=0,
+    )  # fmt: skip
+    recorder = StepRecorder("reward")
+    RLOOTrainer._generate_single_turn = recorder.timed(
+        RLOOTrainer._generate_single_turn, lambda a, kw, out: sum(len(c) for c in out)
+    )
+    trainer = RLOOTrainer(
+        model=model, reward_funcs=reward, args=config, train_dataset=dataset, processing_class=tok,
+        reward_processing_classes=tok, peft_config=lora_config(), callbacks=[recorder.callback],
+    )  # fmt: skip
+    wall = now()
+    trainer.train()
+    wall = now() - wall
+    out = _from_recorder(f"trl{trl.__version__}_rloo", recorder, wall, str(model.device))
+    return out
+
+
+# ---- the driver ------------------------------------------------------------------------------
+
+RUNNERS = {"ours": run_ours, "trl190_ppo": run_trl190_ppo, "trl_rloo": run_trl_rloo}
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cpu_clock = args.clock == "cpu" or (args.clock == "auto" and not torch.cuda.is_available())
+    CLOCK["fn"] = time.process_time if cpu_clock else time.perf_counter
+    out = RUNNERS[args.child](args)
+    (args.work / f"result-{args.child}.json").write_text(json.dumps(out, indent=2))
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    ours = next((r for r in results if r["trainer"] == "ours"), None)
+    lines = [
+        "| trainer | device | clock | iters | rollout tok/s | update tok/s | overall tok/s | reward first→last | reward gain/min | overall tok/s vs ours |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = (
+            f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x slower"
+            if ours and r is not ours
+            else "—"
+        )
+        lines.append(
+            f"| {r['trainer']} | {r['device']} | {r['clock']} | {r['iterations']} | {r['rollout_tokens_per_s']:.0f} | "
+            f"{r['update_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
+            f"{r['reward_first']:.3f}→{r['reward_last']:.3f} | {r['reward_gain_per_min']:.3f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    if args.child:
+        child(args)
+        return 0
+    prepare(args)
+    results = []
+    for name in args.only or TRAINERS:
+        if name == "trl190_ppo" and not (TRL_190 / "trl").is_dir():
+            print(
+                f"skipping {name}: install it with pip install --no-deps --target {TRL_190} trl==1.9.0"
+            )
+            continue
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        print(f"== {name}", flush=True)
+        (args.work / f"result-{name}.json").unlink(missing_ok=True)
+        done = subprocess.run(command, env=env, cwd=ROOT)
+        path = args.work / f"result-{name}.json"
+        if done.returncode != 0 or not path.is_file():
+            print(f"{name} failed (exit {done.returncode})")
+            continue
+        results.append(json.loads(path.read_text()))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""PPO: the maths against hand-computed values, the trainer on a tiny model, and learning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent.modeling import Policy
+from rl.env import DialogueVectorEnv, Prompt
+from rl.ppo import PPOConfig, PPOTrainer
+from rl.ppo_core import (
+    KLController,
+    PPODivergedError,
+    RunningMoments,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
+from rl.ppo_policy import reply_mask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PROMPTS = [
+    Prompt([{"role": "user", "content": f"hello there, friend number {i}"}]) for i in range(12)
+]
+CONTEXTS = [p.messages for p in PROMPTS]
+
+
+# ---- maths ---------------------------------------------------------------------------------
+
+
+def test_gae_matches_hand_computation() -> None:
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 9.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [1.0, 2.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # second reply is 2 tokens long
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    # row 0: deltas d2 = 2 - 1.5, d1 = 0 + .9*1.5 - 1, d0 = 1 + .9*1 - .5
+    d2, d1, d0 = 0.5, 0.35, 1.4
+    a2, a1 = d2, d1 + 0.72 * d2
+    a0 = d0 + 0.72 * a1
+    # row 1 ends after token 1: d1 = 1 - 2 (no bootstrap), d0 = .5 + .9*2 - 1
+    b1 = -1.0
+    b0 = 1.3 + 0.72 * b1
+    expected = torch.tensor([[a0, a1, a2], [b0, b1, 0.0]])
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert torch.allclose(ret, expected + values * mask, atol=1e-6)
+
+
+def test_gamma_one_lambda_one_gives_reward_to_go_minus_value() -> None:
+    rewards = torch.tensor([[0.0, -0.1, 1.0]])
+    values = torch.tensor([[0.2, 0.3, 0.4]])
+    adv, ret = gae(rewards, values, torch.ones(1, 3), 1.0, 1.0)
+    assert torch.allclose(ret, torch.tensor([[0.9, 0.9, 1.0]]), atol=1e-6)
+    assert torch.allclose(adv, ret - values, atol=1e-6)
+
+
+def test_masked_whiten_ignores_padding() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # masked values 1, 2, 3, 4: mean 2.5, unbiased variance 5/3
+    expected = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / math.sqrt(5 / 3)
+    out = masked_whiten(x, mask)
+    assert torch.allclose(out[mask.bool()], expected, atol=1e-4)
+    assert torch.all(out[~mask.bool()] == 0)
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert torch.allclose(kept[mask.bool()], expected + 2.5, atol=1e-4)
+
+
+def test_kl_estimators_on_known_distributions() -> None:
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.3, 0.5])
+    true_kl = float((p * (p / q).log()).sum())  # KL(p || q) = 0.275
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.multinomial(p, 200_000, replacement=True, generator=gen)
+    logp, logq = p.log()[samples], q.log()[samples]
+    k1, k3 = kl_estimate(logp, logq, "k1"), kl_estimate(logp, logq, "k3")
+    assert k1.mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert k3.mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert (k3 >= 0).all() and (k1 < 0).any()
+    assert k3.var() < k1.var()
+    with pytest.raises(ValueError, match="kl_estimator"):
+        kl_estimate(logp, logq, "k2")
+
+
+def test_token_rewards_put_the_score_on_the_last_reply_token() -> None:
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    r = token_rewards(torch.tensor([1.0, -2.0]), kl, mask, kl_coef=0.5)
+    expected = torch.tensor([[-0.05, -0.1, -0.15 + 1.0], [-0.2, -0.25 - 2.0, 0.0]])
+    assert torch.allclose(r, expected)
+
+
+def test_policy_loss_clips_the_ratio() -> None:
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, stats = policy_loss(new, old, adv, torch.ones(1, 2), cliprange=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert stats["clipfrac"].item() == pytest.approx(1.0)
+    loss, stats = policy_loss(old, old, adv, torch.ones(1, 2), cliprange=0.2)
+    assert loss.item() == pytest.approx(0.0) and stats["clipfrac"].item() == 0
+    assert stats["approx_kl"].item() == 0
+
+
+def test_value_loss_clips_the_update() -> None:
+    values, old, returns = torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    loss, clipfrac = value_loss(values, old, returns, torch.ones(1, 1), cliprange_value=0.5)
+    # unclipped (2 - 1)^2 = 1, clipped (0.5 - 1)^2 = .25: the max, halved
+    assert loss.item() == pytest.approx(0.5) and clipfrac.item() == 0.0
+
+
+def test_adaptive_kl_controller_moves_towards_target() -> None:
+    ctl = KLController(0.1, target=6.0, horizon=100)
+    ctl.update(current_kl=12.0, n_steps=10)
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(current_kl=1.0, n_steps=10)
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.98)
+    fixed = KLController(0.1)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.1
+
+
+def test_running_moments_match_the_whole_sample() -> None:
+    data = torch.randn(100, generator=torch.Generator().manual_seed(1)) * 3 + 2
+    moments = RunningMoments()
+    for chunk in data.split(7):
+        moments.update(chunk)
+    assert moments.mean == pytest.approx(data.mean().item(), abs=1e-6)
+    assert moments.std == pytest.approx(data.std(unbiased=False).item(), abs=1e-6)
+
+
+def test_reply_mask_stops_after_the_first_end_token() -> None:
+    responses = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 7, 1, 0], [5, 6, 7, 8, 9]])
+    mask, ended = reply_mask(responses, end_ids=[1])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+    assert masked_mean(torch.ones(3, 5), mask).item() == 1.0
+
+
+# ---- the trainer on a tiny model -------------------------------------------------------------
+
+
+def small_config(**overrides) -> PPOConfig:
+    values = dict(
+        batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, learning_rate=1e-2
+    )
+    return PPOConfig(**{**values, **overrides})
+
+
+def make_trainer(model_dir: Path, adapters: list[str] | None = None, **overrides) -> PPOTrainer:
+    policy = Policy(model_dir, device="cpu")
+    policy.set_adapters(adapters or [])
+    return PPOTrainer(small_config(**overrides), policy)
+
+
+def trainable(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.module.named_parameters() if p.requires_grad}
+
+
+def frozen(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().clone() for n, p in trainer.module.named_parameters() if not p.requires_grad
+    }
+
+
+def test_rollout_logprobs_match_an_unpadded_forward(tiny_model_dir: Path) -> None:
+    trainer = make_trainer(tiny_model_dir)
+    contexts = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "a much longer hello, friend"}],
+    ]
+    batch = trainer.rollout(contexts)
+    lm = trainer.model.get_base_model()
+    for i in range(2):
+        n_prompt = batch.sequences.shape[1] - batch.responses.shape[1]
+        prompt = batch.sequences[i, :n_prompt][batch.attention_mask[i, :n_prompt].bool()]
+        n = int(batch.mask[i].sum())
+        ids = torch.cat([prompt, batch.responses[i, :n]]).unsqueeze(0)
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, batch.responses[i, :n, None])[
+            :, 0
+        ]
+        assert torch.allclose(batch.logprobs[i, :n], expected, atol=1e-4)
+    # A fresh PPO adapter is the identity (LoRA B = 0) and the value head starts at 0.
+    assert torch.allclose(batch.logprobs, batch.ref_logprobs)
+    assert torch.all(batch.values == 0)
+    assert len(batch.replies) == 2 and all(isinstance(r, str) for r in batch.replies)
+
+
+def test_update_trains_only_the_ppo_adapter_and_value_head(tiny_model_dir: Path) -> None:
+    trainer = make_trainer(tiny_model_dir)
+    before, base = trainable(trainer), frozen(trainer)
+    envs = DialogueVectorEnv(4, PROMPTS, lambda c, r: float(len(r) % 3))
+    envs.reset(seed=0)
+    metrics = trainer.train_step(envs)
+    after = trainable(trainer)
+    assert any(not torch.equal(before[n], after[n]) for n in before if ".ppo." in n)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "value_head" in n)
+    assert all(torch.equal(base[n], p) for n, p in frozen(trainer).items())
+    for key in ("reward/mean", "kl/mean", "policy/entropy", "policy/clipfrac", "policy/approx_kl",
+                "loss/value", "value/explained_variance", "reply/length", "perf/tokens_per_s"):  # fmt: skip
+        assert key in metrics
+    assert math.isfinite(metrics["loss/policy"]) and metrics["perf/tokens_per_s"] > 0
+
+
+def make_sft_adapter(model_dir: Path, out: Path) -> Path:
+    """A LoRA adapter with random (non-zero) weights, standing in for a trained SFT adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(out)
+    return out
+
+
+def test_reference_keeps_the_sft_adapter_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sft = make_sft_adapter(tiny_model_dir, tmp_path / "sft")
+    trainer = make_trainer(tiny_model_dir, adapters=[str(sft)])
+    sft_weights = {
+        n: p.clone()
+        for n, p in trainer.module.named_parameters()
+        if "lora" in n and ".ppo." not in n
+    }
+    assert sft_weights and not any(
+        p.requires_grad for n, p in trainer.module.named_parameters() if n in sft_weights
+    )
+    batch = trainer.rollout(CONTEXTS[:4])
+    assert torch.allclose(batch.logprobs, batch.ref_logprobs, atol=1e-5)  # ref = base + sft
+    with torch.no_grad(), trainer.model.disable_adapter():  # the bare base differs
+        bare, _ = trainer._score(batch.sequences, batch.attention_mask, batch.responses, False)
+    assert not torch.allclose(bare, batch.ref_logprobs, atol=1e-3)
+    trainer.update(batch, torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    after = trainer.rollout(CONTEXTS[:4])
+    with trainer.reference(), torch.no_grad():
+        ref_again, _ = trainer._score(batch.sequences, batch.attention_mask, batch.responses, False)
+    assert torch.allclose(ref_again, batch.ref_logprobs, atol=1e-5)  # the reference did not move
+    assert not torch.allclose(after.logprobs, after.ref_logprobs, atol=1e-5)  # the policy did
+    for n, p in trainer.module.named_parameters():
+        if n in sft_weights:
+            assert torch.equal(p, sft_weights[n])
+
+
+def test_save_and_load_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_model_dir)
+    envs = DialogueVectorEnv(4, PROMPTS, lambda c, r: float("e" in r))
+    envs.reset(seed=0)
+    trainer.train_step(envs)
+    out = trainer.save(tmp_path / "ppo")
+    assert (out / "adapter_config.json").is_file() and (out / "value_head.safetensors").is_file()
+    # The adapter directory serves as is: a fresh Policy with it gives the trained logits.
+    served = Policy(tiny_model_dir, device="cpu")
+    served.set_adapters([out])
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+        assert torch.allclose(served.model(input_ids=ids).logits, expected, atol=1e-5)
+    fresh = make_trainer(tiny_model_dir, seed=7)
+    assert fresh.weights_digest() != trainer.weights_digest()
+    fresh.load(out)
+    assert fresh.weights_digest() == trainer.weights_digest()
+    assert torch.equal(fresh.value_head.summary.weight, trainer.value_head.summary.weight)
+
+
+def test_a_nan_reward_stops_before_the_update(tiny_model_dir: Path) -> None:
+    trainer = make_trainer(tiny_model_dir, normalize_scores=False, score_clip=0.0)
+    before = trainable(trainer)
+    batch = trainer.rollout(CONTEXTS[:4])
+    with pytest.raises(PPODivergedError, match="not finite"):
+        trainer.update(batch, torch.tensor([1.0, float("nan"), 0.0, 0.0]))
+    assert all(torch.equal(before[n], p) for n, p in trainable(trainer).items())
+
+
+def test_exploding_kl_stops_the_run(peaked_model_dir: Path) -> None:
+    trainer = make_trainer(peaked_model_dir, max_kl=1.0)
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if ".ppo." in name:
+                param.normal_(std=2.0)
+    batch = trainer.rollout(CONTEXTS[:4])
+    with pytest.raises(PPODivergedError, match="max_kl"):
+        trainer.update(batch, torch.zeros(4))
+
+
+# ---- learning ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its (tied) embeddings scaled up 6x.
+
+    A freshly initialised model's logits are nearly uniform and stay within about +-1.3 however
+    its linear layers change (tied output embeddings of std 0.02 after RMSNorm), so no LoRA
+    adapter can make it prefer anything; scaled embeddings give a peaked random model, which,
+    like a trained one, an adapter can steer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("peaked") / "model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(6.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def share_of_e(context: list[dict[str, str]], reply: str) -> float:
+    """A rule reward: the share of the reply's characters that are the letter e."""
+    return reply.count("e") / max(1, len(reply))
+
+
+@pytest.mark.slow
+def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path) -> None:
+    config = PPOConfig(
+        batch_size=16, mini_batch_size=8, max_new_tokens=16, learning_rate=3e-3, kl_coef=0.05
+    )
+    trainer = PPOTrainer(config, Policy(peaked_model_dir, device="cpu"))
+    envs = DialogueVectorEnv(16, PROMPTS, share_of_e)
+    envs.reset(seed=0)
+    history = [trainer.train_step(envs) for _ in range(40)]
+    first = sum(m["reward/mean"] for m in history[:5]) / 5
+    last = sum(m["reward/mean"] for m in history[-5:]) / 5
+    assert last > first + 0.2, (first, last)
+    assert max(m["kl/mean"] for m in history) < 40.0
