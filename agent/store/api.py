@@ -115,11 +115,11 @@ class Store:
             return s.scalars(select(User).where(User.name == name)).one()
 
     def get_user(self, name: str) -> User | None:
-        with self.transaction() as s:
+        with self.reading() as s:
             return s.scalars(select(User).where(User.name == name)).one_or_none()
 
     def list_users(self) -> list[User]:
-        with self.transaction() as s:
+        with self.reading() as s:
             return list(s.scalars(select(User).order_by(User.id)))
 
     def set_user(
@@ -213,14 +213,14 @@ class Store:
             return msg.id
 
     def get_message(self, message_id: int) -> Message:
-        with self.transaction() as s:
+        with self.reading() as s:
             msg = s.get(Message, message_id)
             if msg is None:
                 raise NotFoundError(f"message_id: no message with id {message_id}")
             return msg
 
     def get_conversation(self, conversation_id: int) -> Conversation:
-        with self.transaction() as s:
+        with self.reading() as s:
             conv = s.get(Conversation, conversation_id)
             if conv is None:
                 raise NotFoundError(f"conversation_id: no conversation with id {conversation_id}")
@@ -228,7 +228,7 @@ class Store:
 
     def messages(self, conversation_id: int) -> list[Message]:
         """Every message of a conversation (all branches), oldest first."""
-        with self.transaction() as s:
+        with self.reading() as s:
             stmt = select(Message).where(Message.conversation_id == conversation_id)
             return list(s.scalars(stmt.order_by(Message.id)))
 
@@ -246,7 +246,7 @@ class Store:
     def siblings(self, message_id: int) -> list[Message]:
         """Replies sharing `message_id`'s parent (itself included), oldest first."""
         msg = self.get_message(message_id)
-        with self.transaction() as s:
+        with self.reading() as s:
             stmt = select(Message).where(
                 Message.conversation_id == msg.conversation_id,
                 Message.parent_id.is_(None)
@@ -262,7 +262,7 @@ class Store:
         stmt = select(Conversation).order_by(Conversation.id.desc()).limit(limit)
         if user_id is not None:
             stmt = stmt.where(Conversation.user_id == user_id)
-        with self.transaction() as s:
+        with self.reading() as s:
             return list(s.scalars(stmt))
 
     # ---- feedback ----------------------------------------------------------------------
@@ -354,7 +354,7 @@ class Store:
             stmt = stmt.where(Rating.message_id == message_id)
         if rater_id is not None:
             stmt = stmt.where(Rating.rater_id == rater_id)
-        with self.transaction() as s:
+        with self.reading() as s:
             return list(s.scalars(stmt))
 
     def add_comparison(
@@ -398,7 +398,7 @@ class Store:
         stmt = select(Comparison).order_by(Comparison.id)
         if rater_id is not None:
             stmt = stmt.where(Comparison.rater_id == rater_id)
-        with self.transaction() as s:
+        with self.reading() as s:
             return list(s.scalars(stmt))
 
     # ---- annotation queue --------------------------------------------------------------
@@ -505,7 +505,7 @@ class Store:
             .order_by(n_cmp, a.id)
             .limit(1)
         )
-        with self.transaction() as s:
+        with self.reading() as s:
             row = s.execute(stmt).first()
             return (row[0], row[1]) if row else None
 
@@ -513,7 +513,7 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         """Row count of every table."""
-        with self.transaction() as s:
+        with self.reading() as s:
             return {
                 table.name: s.scalar(select(func.count()).select_from(table)) or 0
                 for table in Base.metadata.sorted_tables
@@ -554,7 +554,7 @@ class Store:
                 mv.metrics = {**mv.metrics, **metrics}
 
     def get_model_version(self, version_id: int) -> ModelVersion:
-        with self.transaction() as s:
+        with self.reading() as s:
             mv = s.get(ModelVersion, version_id)
             if mv is None:
                 raise NotFoundError(
@@ -566,11 +566,11 @@ class Store:
         stmt = select(ModelVersion).order_by(ModelVersion.id)
         if kind is not None:
             stmt = stmt.where(ModelVersion.kind == kind)
-        with self.transaction() as s:
+        with self.reading() as s:
             return list(s.scalars(stmt))
 
     def deployed_version(self) -> ModelVersion | None:
-        with self.transaction() as s:
+        with self.reading() as s:
             stmt = select(ModelVersion).where(ModelVersion.status == "deployed")
             return s.scalars(stmt).one_or_none()
 
@@ -663,7 +663,7 @@ class Store:
                 run.finished_at = utcnow()
 
     def get_run(self, run_id: int) -> TrainingRun:
-        with self.transaction() as s:
+        with self.reading() as s:
             run = s.get(TrainingRun, run_id)
             if run is None:
                 raise NotFoundError(f"no training run with id {run_id}")
@@ -673,5 +673,5 @@ class Store:
         stmt = select(TrainingRun).order_by(TrainingRun.id)
         if kind is not None:
             stmt = stmt.where(TrainingRun.kind == kind)
-        with self.transaction() as s:
+        with self.reading() as s:
             return list(s.scalars(stmt))

@@ -8,12 +8,12 @@ import json
 from agent.config import load_dataclass
 from rl import evaluate
 from rl.runs import training_run
-from rlchat.commands import open_store
+from rlchat.commands import add_job_config_args, open_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="compare a candidate policy with the deployed one")
-    p.add_argument("--job-config", "-c", dest="job_config", help="YAML file of rl.evaluate.Config")
+    add_job_config_args(p, "rl.evaluate.Config")
     p.add_argument(
         "--candidate", type=int, help="policy version to evaluate (default: newest candidate)"
     )
@@ -21,14 +21,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--baseline", type=int, help="policy version to compare with (default: deployed)"
     )
     p.add_argument("--oracle", help="also report this oracle's score and win-rate")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any field of rl.evaluate.Config (repeatable)",
-    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(run=run)
 

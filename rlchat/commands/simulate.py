@@ -7,23 +7,15 @@ import argparse
 from agent.chat import ChatAgent
 from agent.config import load_dataclass
 from rl import simulate
-from rlchat.commands import open_store
+from rlchat.commands import add_job_config_args, open_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="scripted users and annotators following a hidden oracle")
-    p.add_argument("--job-config", "-c", dest="job_config", help="YAML file of simulate.Config")
+    add_job_config_args(p, "rl.simulate.Config")
     p.add_argument("--oracle", help="follow_up, positive, concise or module:function")
     p.add_argument("--users", type=int, help="number of simulated users (conversations)")
     p.add_argument("--noise", type=float, help="share of judgements flipped")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any other field of rl.simulate.Config (repeatable)",
-    )
     p.add_argument("--device", help="auto, cpu or cuda")
     p.set_defaults(run=run)
 

@@ -1,4 +1,4 @@
-"""`rlchat train sft|reward|ppo [--config FILE] [--set key=value ...] [--resume]`."""
+"""`rlchat train sft|reward|ppo [--job-config FILE] [--set key=value ...] [--resume]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 from agent.config import load_dataclass
-from rlchat.commands import settings_from
+from rlchat.commands import add_job_config_args, settings_from
 
 # Each job module has a `Config` dataclass and `main(config, settings, resume=False) -> int`.
 JOBS = {"sft": "rl.sft", "reward": "rl.reward", "ppo": "rl.ppo_train"}
@@ -15,15 +15,7 @@ JOBS = {"sft": "rl.sft", "reward": "rl.reward", "ppo": "rl.ppo_train"}
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from the feedback in the database")
     p.add_argument("kind", choices=sorted(JOBS), help="which stage to train")
-    p.add_argument("--job-config", "-c", dest="job_config", help="YAML file with the job's config")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config field (repeatable), e.g. --set learning_rate=1e-4",
-    )
+    add_job_config_args(p, "the job's config (rl.sft / rl.reward / rl.ppo_train Config)")
     p.add_argument("--resume", action="store_true", help="continue the newest unfinished run")
     p.set_defaults(run=run)
 
