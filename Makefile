@@ -37,7 +37,7 @@ test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/rlchat starter build --if-missing
+	$(BIN)/rlchat starter ensure
 	$(BIN)/rlchat serve --host $(HOST) --port $(PORT)
 
 clean-venv:
