@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from agent.config import Settings
+from agent.store import db
 from agent.store.api import Store
 
 N_REPLIES = 50
@@ -32,6 +33,9 @@ class Setup:
 
 
 def prepare(url: str, processes: int) -> Setup:
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    engine.dispose()
     store = Store.open(Settings(database_url=url))
     owner = store.get_or_create_user("owner")
     for p in range(processes):

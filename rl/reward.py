@@ -161,7 +161,7 @@ def build_model(
     start: StartingPoint, config: Config, device: torch.device
 ) -> tuple[PreTrainedModel, Any]:
     """A one-label classifier on the base, with the policy's adapters merged in when asked."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     tokenizer = load_tokenizer(start.base)
@@ -176,7 +176,12 @@ def build_model(
     if config.init_from == "policy":
         for adapter in start.adapters:
             log.info("merging policy adapter %s into the reward model", adapter)
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            # A causal-LM adapter on the classifier's shared trunk: drop its task type, or
+            # peft wraps the classifier as a generation model.
+            adapter_config = PeftConfig.from_pretrained(adapter)
+            adapter_config.task_type = None
+            model = PeftModel.from_pretrained(model, adapter, config=adapter_config)
+            model = model.merge_and_unload()
     return model.to(device), tokenizer
 
 

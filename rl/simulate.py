@@ -51,6 +51,8 @@ class Config:
     """Share of judgements flipped (thumb, Likert mirrored, comparison swapped)."""
     prompts: Path | None = None
     """JSONL of {"messages": [...]} or {"prompt": "..."} (None: held-out chitchat)."""
+    max_line_chars: int = 160
+    """User lines longer than this are left out (small models have short context windows)."""
     max_new_tokens: int = 32
     """Reply length limit of the simulated chats."""
     temperature: float = 1.0
@@ -96,6 +98,7 @@ def load_user_lines(config: Config, n: int) -> list[list[str]]:
                 scripts.append(
                     [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
                 )
+    scripts = [[line for line in s if len(line) <= config.max_line_chars] for s in scripts]
     scripts = [s for s in scripts if s]
     if not scripts:
         raise ValidationError("no user lines to simulate with: the prompt source is empty")

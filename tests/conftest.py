@@ -24,6 +24,12 @@ SKIP_PG = "RLCHAT_TEST_POSTGRES_URL is not set (`.ci/run` sets it to the local P
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Tests use tiny models: one thread each is fastest, and on shared or small machines a
+    # second OpenMP thread mostly spin-waits (seen here: 10x slower under contention).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
