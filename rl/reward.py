@@ -182,6 +182,7 @@ def build_model(
             adapter_config.task_type = None
             model = PeftModel.from_pretrained(model, adapter, config=adapter_config)
             model = model.merge_and_unload()
+        model.requires_grad_(True)  # peft froze the trunk while merging; full training needs it
     return model.to(device), tokenizer
 
 

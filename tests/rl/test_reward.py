@@ -242,7 +242,9 @@ def test_reward_model_starts_from_the_deployed_policy(
     store.close()
     assert (start.version_id, start.base_version_id, len(start.adapters)) == (sft_id, base_id, 1)
     cpu = torch.device("cpu")
-    from_policy = reward.build_model(start, reward.Config(init_from="policy"), cpu)[0].state_dict()
+    merged = reward.build_model(start, reward.Config(init_from="policy"), cpu)[0]
+    assert all(p.requires_grad for p in merged.parameters())  # full training can train them
+    from_policy = merged.state_dict()
     from_base = reward.build_model(start, reward.Config(init_from="base"), cpu)[0].state_dict()
     layer = "model.layers.0.self_attn"
     assert not torch.equal(

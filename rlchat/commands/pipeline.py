@@ -1,0 +1,41 @@
+"""`rlchat pipeline [--job-config FILE] [--set stage.key=value ...] [--resume]`."""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from agent.config import build_dataclass, read_yaml
+from agent.errors import ConfigError
+from rl import pipeline
+from rlchat.commands import add_job_config_args, open_store
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="SFT -> reward model -> PPO -> eval -> gate -> deploy")
+    add_job_config_args(p, "rl.pipeline.Config (stage.key=value for a stage's field)")
+    p.add_argument("--resume", action="store_true", help="continue the newest unfinished pipeline")
+    p.set_defaults(run=run)
+
+
+def parse_overrides(values: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like stage.key=value")
+        key, raw = item.split("=", 1)
+        stage, _, field = key.strip().partition(".")
+        if field:
+            values.setdefault(stage, {})[field] = yaml.safe_load(raw)
+        else:
+            values[stage] = yaml.safe_load(raw)
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    values = read_yaml(args.job_config) if args.job_config else {}
+    config = build_dataclass(pipeline.Config, parse_overrides(values, args.overrides))
+    settings, store = open_store(args)
+    result = pipeline.run_pipeline(config, settings, store, resume=args.resume)
+    print(pipeline.summary_table(result))
+    return 0
