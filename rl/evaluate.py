@@ -237,7 +237,9 @@ def evaluate(
         "reward/candidate": float(cand_r.mean()),
         "reward/baseline": float(base_r.mean()),
         "kl/candidate": _kl_to_reference(agent, store, candidate, prompts, cand_replies),
-        "reward_model/accuracy": float(reward_version.metrics.get("eval/pairwise_accuracy", float("nan"))),
+        "reward_model/accuracy": float(
+            reward_version.metrics.get("eval/pairwise_accuracy", float("nan"))
+        ),
     }
     metrics["win_rate/reward"], metrics["win_rate/reward_lo"], metrics["win_rate/reward_hi"] = (
         win_rate(cand_r, base_r, config.bootstrap, config.seed)

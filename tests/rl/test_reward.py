@@ -228,9 +228,8 @@ def test_reward_model_starts_from_the_deployed_policy(
 
     model, _ = load_base(tiny_model_dir, device="cpu")
     adapter = get_peft_model(
-        model, LoraConfig(
-            r=4, target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
-        )
+        model,
+        LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM"),
     )
     adapter.save_pretrained(str(tmp_path / "adapter"))
     store = Store.open(sqlite_settings)
