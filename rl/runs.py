@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 def config_dict(config: Any) -> dict[str, Any]:
     """A JSON-safe dict of a config dataclass (paths as strings)."""
-    raw = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    raw = (
+        dataclasses.asdict(config)
+        if dataclasses.is_dataclass(config) and not isinstance(config, type)
+        else dict(config)
+    )
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in raw.items()}
 
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, delete, func, or_, select, text, update
+from sqlalchemy import CursorResult, Engine, and_, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -338,7 +338,7 @@ class Store:
     def delete_rating(self, message_id: int, rater_id: int, kind: str, criterion: str = "") -> int:
         """Undo: remove a rater's rating. Returns how many rows went (0 or 1)."""
         with self.transaction() as s:
-            result = s.execute(
+            result: CursorResult[Any] = s.execute(  # type: ignore[assignment]
                 delete(Rating).where(
                     Rating.message_id == message_id,
                     Rating.rater_id == rater_id,
@@ -392,7 +392,10 @@ class Store:
 
     def delete_comparison(self, comparison_id: int) -> int:
         with self.transaction() as s:
-            return s.execute(delete(Comparison).where(Comparison.id == comparison_id)).rowcount or 0
+            result: CursorResult[Any] = s.execute(  # type: ignore[assignment]
+                delete(Comparison).where(Comparison.id == comparison_id)
+            )
+            return result.rowcount or 0
 
     def comparisons(self, rater_id: int | None = None) -> list[Comparison]:
         stmt = select(Comparison).order_by(Comparison.id)
@@ -439,7 +442,7 @@ class Store:
             AnnotationLease.rater_id == rater_id, AnnotationLease.skipped.is_(True)
         )
         n_rated = func.coalesce(raters.c.n, 0)
-        stmt: Select[tuple[Message]] = (
+        stmt = (
             select(Message)
             .join(Conversation, Conversation.id == Message.conversation_id)
             .outerjoin(raters, raters.c.message_id == Message.id)
