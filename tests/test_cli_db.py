@@ -41,10 +41,8 @@ def test_new_sqlite_file_is_migrated_at_start(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
-def test_unmigrated_postgres_is_a_clear_error(database_url: str) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("about PostgreSQL only")
-    result = rlchat("db", "stats", env_url=database_url)
+def test_unmigrated_postgres_is_a_clear_error(postgres_url: str) -> None:
+    result = rlchat("db", "stats", env_url=postgres_url)
     assert result.returncode == 2
     assert "run `rlchat db upgrade`" in result.stderr and "Traceback" not in result.stderr
 
