@@ -12,7 +12,6 @@ meta {"oracle": name}; users and annotators are named sim-user-N / sim-annotator
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from agent.chat import ChatAgent, SamplingParams
 from agent.config import Settings
 from agent.errors import ConfigError, ValidationError
 from agent.store.api import Store
+from rl.env import jsonl_prompts
 from rl.oracles import load_oracle
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class Config:
     noise: float = 0.1
     """Share of judgements flipped (thumb, Likert mirrored, comparison swapped)."""
     prompts: Path | None = None
-    """JSONL of {"messages": [...]} or {"prompt": "..."} (None: held-out chitchat)."""
+    """JSONL of {"prompt": "..."} or {"messages": [...]} with optional "followups": [...]
+    (the format of rl.env.jsonl_prompts); None: held-out chitchat conversations."""
     max_line_chars: int = 160
     """User lines longer than this are left out (small models have short context windows)."""
     max_new_tokens: int = 32
@@ -83,21 +84,8 @@ def load_user_lines(config: Config, n: int) -> list[list[str]]:
 
         _, held_out = split_conversations(chitchat_conversations(), StarterConfig())
         scripts = [[m["content"] for m in conv if m["role"] == "user"] for conv in held_out]
-    else:
-        scripts = []
-        for i, line in enumerate(Path(config.prompts).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValidationError(f"{config.prompts} line {i}: not JSON: {exc}") from exc
-            if "prompt" in record:
-                scripts.append([str(record["prompt"])])
-            else:
-                scripts.append(
-                    [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
-                )
+    else:  # the prompt files `rlchat train ppo` reads: the last user turn, then followups
+        scripts = [[p.messages[-1]["content"], *p.followups] for p in jsonl_prompts(config.prompts)]
     scripts = [[line for line in s if len(line) <= config.max_line_chars] for s in scripts]
     scripts = [s for s in scripts if s]
     if not scripts:
