@@ -7,7 +7,7 @@ tests (seconds, no download); `agent.starter` trains a larger one into the offli
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -196,3 +196,27 @@ def build_tiny_model(
     save_model(model, tokenizer, out_dir)
     log.info("tiny model (%d parameters) saved to %s", model.num_parameters(), out_dir)
     return out_dir
+
+
+def build_tiny_adapter(
+    model: str | Path | torch.nn.Module,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    rank: int = 4,
+    alpha: int = 32,
+) -> Path:
+    """A LoRA adapter with random, non-zero weights on `model` (a directory or a module), saved
+    to `out_dir`: unlike a freshly initialised adapter, it changes the model's outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(str(model))
+    lora = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False
+    )
+    get_peft_model(model, lora).save_pretrained(str(out_dir))
+    return Path(out_dir)

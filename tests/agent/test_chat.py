@@ -10,35 +10,28 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from agent import modeling
 from agent.chat import ChatAgent, SamplingParams
 from agent.errors import NotFoundError, ValidationError
 from agent.modeling import encode_chat, end_of_turn_ids
 from agent.registry import ModelRegistry
+from agent.tiny import build_tiny_adapter
 from rlchat.cli import main as cli_main
 
 SHORT = SamplingParams(max_new_tokens=8, seed=0)
 
 
 def make_adapter(base_dir: Path, out_dir: Path, seed: int, hidden_size: int | None = None) -> Path:
-    """A LoRA adapter with random (non-zero) weights, so it changes the model's outputs."""
-    from peft import LoraConfig, get_peft_model
+    """A random LoRA adapter on the tiny model, or on the same architecture at another width
+    (`hidden_size`): an adapter that does not fit."""
+    if hidden_size is None:
+        return build_tiny_adapter(base_dir, out_dir, seed=seed)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    if hidden_size is None:
-        model = AutoModelForCausalLM.from_pretrained(base_dir)
-    else:  # the same architecture at another width: an adapter that does not fit
-        config = AutoConfig.from_pretrained(base_dir)
-        config.hidden_size, config.intermediate_size = hidden_size, 2 * hidden_size
-        model = AutoModelForCausalLM.from_config(config)
-    lora = LoraConfig(
-        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    get_peft_model(model, lora).save_pretrained(out_dir)
-    return out_dir
+    config = AutoConfig.from_pretrained(base_dir)
+    config.hidden_size, config.intermediate_size = hidden_size, 2 * hidden_size
+    return build_tiny_adapter(AutoModelForCausalLM.from_config(config), out_dir, seed=seed)
 
 
 def build(store, settings, model_dir) -> SimpleNamespace:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -22,6 +21,7 @@ from agent.modeling import (
     load_tokenizer,
     pick_device,
 )
+from agent.tiny import build_tiny_adapter
 
 CHAT = [
     {"role": "system", "content": "Be nice."},
@@ -34,11 +34,7 @@ CHAT = [
 def make_adapter(
     model: torch.nn.Module, out_dir: Path, seed: int, targets=("q_proj", "v_proj")
 ) -> str:
-    """A LoRA adapter with random (non-zero) weights, so it changes the model's outputs."""
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, target_modules=list(targets), init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out_dir)
-    return str(out_dir)
+    return str(build_tiny_adapter(model, out_dir, seed=seed, targets=targets, alpha=8))
 
 
 @pytest.fixture(scope="module")

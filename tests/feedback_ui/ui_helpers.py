@@ -61,14 +61,6 @@ def free_port() -> int:
 
 def make_adapter(base_dir: Path, out_dir: Path, seed: int = 1) -> Path:
     """A LoRA adapter on `base_dir` with random (non-zero) weights, so it changes the replies."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from agent.tiny import build_tiny_adapter
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    lora = LoraConfig(
-        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    get_peft_model(model, lora).save_pretrained(out_dir)
-    return out_dir
+    return build_tiny_adapter(base_dir, out_dir, seed=seed)
