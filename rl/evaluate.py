@@ -266,6 +266,17 @@ def evaluate(
     return metrics
 
 
+def run_recorded(config: Config, store: Store, settings: Settings) -> tuple[int, dict[str, Any]]:
+    """`evaluate` as an `eval` training run, so the decision and its numbers are kept (and
+    shown on the dashboard); returns (run id, metrics)."""
+    from rl.runs import training_run
+
+    with training_run(store, settings, "eval", config) as run:
+        metrics = evaluate(config, store, settings)
+        run.finish(metrics=metrics)
+    return run.id, metrics
+
+
 def gate(metrics: dict[str, Any], config: Config) -> dict[str, Any]:
     """The deployment decision and every reason against it."""
     reasons = []

@@ -117,10 +117,8 @@ def _run_stage(
         )
     if stage == "eval":
         eval_config = config.stage_config("eval", _links("eval", done, config))
-        with training_run(store, settings, "eval", eval_config) as run:
-            metrics = evaluate.evaluate(eval_config, store, settings)
-            run.finish(metrics=metrics)
-        return {"run_id": run.id, **{k: v for k, v in metrics.items() if k != "samples"}}
+        run_id, metrics = evaluate.run_recorded(eval_config, store, settings)
+        return {"run_id": run_id, **{k: v for k, v in metrics.items() if k != "samples"}}
     decision = done["eval"]["gate"]
     if decision["deploy"] and config.deploy:
         ModelRegistry(store, settings).deploy(done["ppo"])

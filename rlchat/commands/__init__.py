@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TypeVar
 
-from agent.config import Settings, load_settings
+from agent.config import Settings, load_dataclass, load_settings
 from agent.store.api import Store
+
+T = TypeVar("T")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -16,6 +19,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def open_store(args: argparse.Namespace) -> tuple[Settings, Store]:
     settings = settings_from(args)
     return settings, Store.open(settings)
+
+
+def job_config(args: argparse.Namespace, cls: type[T], shortcuts: tuple[str, ...] = ()) -> T:
+    """`cls` from --job-config and --set, with shortcut flags (e.g. --oracle) as overrides."""
+    overrides = list(args.overrides)
+    overrides += [
+        f"{name}={getattr(args, name)}" for name in shortcuts if getattr(args, name) is not None
+    ]
+    return load_dataclass(cls, args.job_config, overrides)
 
 
 def add_job_config_args(p: argparse.ArgumentParser, what: str) -> None:

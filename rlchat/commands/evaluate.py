@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from agent.config import load_dataclass
 from rl import evaluate
-from rl.runs import training_run
-from rlchat.commands import add_job_config_args, open_store
+from rlchat.commands import add_job_config_args, job_config, open_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,14 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    for name in ("candidate", "baseline", "oracle"):
-        if getattr(args, name) is not None:
-            overrides.append(f"{name}={getattr(args, name)}")
-    config = load_dataclass(evaluate.Config, args.job_config, overrides)
+    config = job_config(args, evaluate.Config, ("candidate", "baseline", "oracle"))
     settings, store = open_store(args)
-    with training_run(store, settings, "eval", config) as run:
-        metrics = evaluate.evaluate(config, store, settings)
-        run.finish(metrics=metrics)
+    _, metrics = evaluate.run_recorded(config, store, settings)
     print(json.dumps(metrics, indent=2) if args.json else evaluate.format_table(metrics))
     return 0

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from agent.chat import ChatAgent
-from agent.config import load_dataclass
 from rl import simulate
-from rlchat.commands import add_job_config_args, open_store
+from rlchat.commands import add_job_config_args, job_config, open_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    for field in ("oracle", "users", "noise"):
-        if getattr(args, field) is not None:
-            overrides.append(f"{field}={getattr(args, field)}")
-    config = load_dataclass(simulate.Config, args.job_config, overrides)
+    config = job_config(args, simulate.Config, ("oracle", "users", "noise"))
     settings, store = open_store(args)
     agent = ChatAgent(store, settings, device=args.device)
     summary = simulate.simulate(config, store, agent, settings)

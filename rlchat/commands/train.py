@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from agent.config import load_dataclass
-from rlchat.commands import add_job_config_args, settings_from
+from rlchat.commands import add_job_config_args, job_config, settings_from
 
 # Each job module has a `Config` dataclass and `main(config, settings, resume=False) -> int`.
 JOBS = {"sft": "rl.sft", "reward": "rl.reward", "ppo": "rl.ppo_train"}
@@ -22,6 +21,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     module = importlib.import_module(JOBS[args.kind])
-    config = load_dataclass(module.Config, args.job_config, args.overrides)
+    config = job_config(args, module.Config)
     module.main(config, settings_from(args), resume=args.resume)
     return 0
