@@ -26,7 +26,7 @@ def rlchat(
 def test_db_upgrade_then_stats(database_url: str) -> None:
     up = rlchat("db", "upgrade", env_url=database_url)
     assert up.returncode == 0, up.stderr
-    assert "schema revision: 0001" in up.stdout
+    assert "schema revision: 0002" in up.stdout
     stats = rlchat("db", "stats", env_url=database_url)
     assert stats.returncode == 0, stats.stderr
     assert "messages" in stats.stdout and "ratings" in stats.stdout
