@@ -42,6 +42,8 @@ def test_model_generation_config_does_not_leak(tiny_model_dir: Path) -> None:
     model.generation_config.no_repeat_ngram_size = 1
     model.generation_config.min_new_tokens = 12
     model.generation_config.top_k = 1
+    model.generation_config.min_p = 0.5  # no neutral global default: only blanking stops it
+    model.generation_config.sequence_bias = {(5,): 20.0}
     assert torch.equal(_samples(model, tokenizer), plain)
     assert model.generation_config.repetition_penalty == 50.0  # restored afterwards
 
