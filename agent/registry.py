@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from agent.config import Settings
 from agent.errors import NotFoundError, ValidationError
 from agent.store.api import POLICY_KINDS, Store
@@ -210,13 +212,33 @@ class ModelRegistry:
         return mv
 
     def rollback(self) -> ModelVersion:
-        """Return to the policy deployed before the current one."""
+        """Return to the policy deployed before the current one, once its files are checked."""
+        target = self._rollback_target()
+        if target is not None:
+            self.check_files(self.resolve(target))
         mv = self.store.rollback()
         log.info("rolled back to model version %d (%s)", mv.id, mv.kind)
         return mv
 
     def deployed(self) -> ModelVersion | None:
         return self.store.deployed_version()
+
+    def _rollback_target(self) -> int | None:
+        """The version `Store.rollback` would redeploy (None: it will refuse and say why)."""
+        current = self.store.deployed_version()
+        if current is None:
+            return None
+        with self.store.reading() as s:
+            return s.scalar(
+                select(ModelVersion.id)
+                .where(
+                    ModelVersion.status == "retired",
+                    ModelVersion.deployed_at.is_not(None),
+                    ModelVersion.id != current.id,
+                )
+                .order_by(ModelVersion.deployed_at.desc(), ModelVersion.id.desc())
+                .limit(1)
+            )
 
 
 def _looks_like_hub_id(name: str) -> bool:

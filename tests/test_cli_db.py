@@ -30,8 +30,30 @@ def test_db_upgrade_then_stats(database_url: str) -> None:
     stats = rlchat("db", "stats", env_url=database_url)
     assert stats.returncode == 0, stats.stderr
     assert "messages" in stats.stdout and "ratings" in stats.stdout
-    down = rlchat("db", "downgrade", env_url=database_url)
+    down = rlchat("db", "downgrade", "base", env_url=database_url)
+    assert down.returncode == 0, down.stderr
     assert "base (empty)" in down.stdout
+
+
+def test_downgrade_needs_a_revision_and_yes_when_data_would_go(database_url: str) -> None:
+    engine = db.make_engine(database_url)
+    db.upgrade(engine)
+    engine.dispose()
+    no_revision = rlchat("db", "downgrade", env_url=database_url)
+    assert no_revision.returncode == 2 and "revision" in no_revision.stderr
+    store = Store(db.make_engine(database_url))
+    user = store.get_or_create_user("u")
+    conv = store.create_conversation(user.id)
+    store.append_message(conv, "user", "hi")
+    store.close()
+    refused = rlchat("db", "downgrade", "base", env_url=database_url)
+    assert refused.returncode == 2, refused.stdout
+    assert "3 rows" in refused.stderr and "--yes" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert rlchat("db", "current", env_url=database_url).stdout.strip().endswith("0002")
+    done = rlchat("db", "downgrade", "base", "--yes", env_url=database_url)
+    assert done.returncode == 0, done.stderr
+    assert "base (empty)" in done.stdout
 
 
 def test_new_sqlite_file_is_migrated_at_start(tmp_path: Path) -> None:

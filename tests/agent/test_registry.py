@@ -151,6 +151,19 @@ def test_deploy_with_missing_files_does_not_move_the_pointer(registry, tmp_path)
     assert registry.deployed().id == base
 
 
+def test_rollback_to_a_version_whose_files_are_gone_is_refused(registry, tmp_path):
+    import shutil
+
+    base = registry.add("base", fake_base(tmp_path / "base"))
+    sft = registry.add("sft", fake_adapter(tmp_path / "sft"), parent_id=base)
+    registry.deploy(base)
+    registry.deploy(sft)
+    shutil.rmtree(registry.get(base).path)
+    with pytest.raises(NotFoundError, match="model files missing.*config.json"):
+        registry.rollback()
+    assert registry.deployed().id == sft
+
+
 def test_models_cli_list_show_deploy_rollback(sqlite_settings, tmp_path, capsys):
     data = ["--data-dir", str(sqlite_settings.data_dir)]
     assert cli_main([*data, "models", "list"]) == 0
