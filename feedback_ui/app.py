@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from agent.config import Settings
 from agent.store.api import Store
@@ -26,6 +27,7 @@ from feedback_ui.auth import LOCAL_USER, Access
 from feedback_ui.chat import build_chat_tab
 from feedback_ui.common import UIContext
 from feedback_ui.dashboard import build_dashboard_tab
+from feedback_ui.login import LoginGate, LoginLimits, SessionMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class ServeConfig:
     """Replies generated at the same time; more requests wait in Gradio's queue."""
     max_queue: int = 64
     """Requests allowed to wait in the queue before new ones are turned away."""
+    login: LoginLimits = field(default_factory=LoginLimits)
+    """Failed-login limits per user name and per address (with auth)."""
 
 
 def build_app(
@@ -158,15 +162,24 @@ def _banner(name: str, role: str, auth: bool) -> str:
 def launch(
     app: gr.Blocks, store: Store, config: ServeConfig, *, block: bool = True
 ) -> tuple[Any, str, Any]:
-    """Start the server (through Gradio's queue, `config.concurrency` replies at a time)."""
+    """Start the server (through Gradio's queue, `config.concurrency` replies at a time).
+
+    With auth, logins go through a `LoginGate` (failure limits) and every request through
+    `SessionMiddleware` (sessions end when their user's password, role or state changes).
+    """
     app.queue(max_size=config.max_queue, default_concurrency_limit=8)
-    access = Access(store, config.auth)
+    gate = LoginGate(Access(store, config.auth), config.login)
+    middleware = [Middleware(SessionMiddleware, gate=gate)] if config.auth else []
     log.info("serving on http://%s:%d (auth %s)", config.host, config.port, config.auth)
     return app.launch(
         server_name=config.host,
         server_port=config.port,
-        auth=access.check_login if config.auth else None,
-        auth_message="Log in with the name and password an admin gave you (rlchat users add).",
+        auth=gate.auth if config.auth else None,
+        auth_message=(
+            "Log in with the name and password an admin gave you (rlchat users add). "
+            f"After {config.login.per_user} failed logins a name is locked for a few minutes."
+        ),
+        app_kwargs={"middleware": middleware},
         prevent_thread_lock=not block,
         ssr_mode=False,
         js=SHORTCUTS_JS,
