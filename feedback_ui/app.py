@@ -141,7 +141,7 @@ def _gated(ctx: UIContext, role: str, fn: Callable[..., Any], n_outputs: int) ->
     """`fn(request)` for callers holding `role`; no change (and no error) for the others."""
 
     def gated(request: gr.Request) -> Any:
-        caller = ctx.access.caller(getattr(request, "username", None))
+        caller = ctx.identify(request)
         if not caller.can(role):
             return tuple(gr.update() for _ in range(n_outputs)) if n_outputs > 1 else gr.update()
         return fn(request)

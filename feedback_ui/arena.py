@@ -17,7 +17,6 @@ from the preferred reply (A after a tie, "both bad" or no vote).
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from agent.registry import ADAPTER_KINDS
 from agent.store.api import POLICY_KINDS, check_text
 from agent.store.models import ModelVersion
 from feedback_ui.auth import Caller
-from feedback_ui.common import UIContext, to_chat, user_errors
+from feedback_ui.common import StopFlags, UIContext, to_chat, user_errors
 
 ROLE = "user"
 CHOICE_LABELS = {
@@ -89,7 +88,7 @@ class ArenaHandlers:
     def __init__(self, ctx: UIContext, seed: int | None = None) -> None:
         self.ctx = ctx
         self._rng = random.Random(seed)  # draws each turn's seed; None: from the OS
-        self._stops: dict[str, threading.Event] = {}  # session -> stop flag of its turn
+        self._stops = StopFlags()  # (user, session) -> stop flag of its turn
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -136,11 +135,6 @@ class ArenaHandlers:
         if self.ctx.agent is None:
             raise ValidationError("arena: this server runs without a chat model; ask an admin")
         return self.ctx.agent
-
-    def _stop_flag(self, request: gr.Request) -> threading.Event:
-        flag = threading.Event()
-        self._stops[request.session_hash or ""] = flag
-        return flag
 
     def _reveal(self, turn: dict[str, Any], choice: str) -> str:
         a, b = (self.ctx.store.get_model_version(turn["versions"][side]) for side in "ab")
@@ -210,7 +204,7 @@ class ArenaHandlers:
         """Both models answer `text`, A streamed first; outputs (state, A, B, info, textbox, votes)."""
         caller = self.ctx.caller(request, ROLE, "using the arena")
         plan = self._plan(caller, state, text, (pick_a, pick_b), temperature, max_new_tokens)
-        agent, flag, shared = self._agent(), self._stop_flag(request), plan.shared
+        agent, flag, shared = self._agent(), self._stops.new(caller, request), plan.shared
         waiting = "Both models are answering…"
         yield state, shared, shared, waiting, "", gr.update(visible=False)
         chunks = agent.stream_reply(
@@ -257,13 +251,12 @@ class ArenaHandlers:
         handler.__name__ = f"vote_{choice}"
         return handler
 
+    @user_errors
     def stop(self, request: gr.Request) -> None:
-        """Stop this session's turn; what both models wrote so far is kept and can be voted on."""
-        self.ctx.caller(request, ROLE, "using the arena")
-        flag = self._stops.get(request.session_hash or "")
-        if flag is not None:
-            flag.set()
+        """Stop the caller's turn in this session; what both models wrote so far is kept."""
+        self._stops.stop(self.ctx.caller(request, ROLE, "using the arena"), request)
 
+    @user_errors
     def new_round(self, request: gr.Request) -> tuple[Any, ...]:
         """Clear the screen; the next message starts a new arena conversation."""
         self.ctx.caller(request, ROLE, "using the arena")

@@ -8,7 +8,6 @@ reply after generating, so no database write sits between two tokens.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,14 @@ from agent.chat import SamplingParams
 from agent.errors import PermissionDenied, ValidationError
 from agent.store.api import check_text
 from feedback_ui.auth import Caller
-from feedback_ui.common import NEGATIVE_REASONS, POSITIVE_REASONS, UIContext, to_chat, user_errors
+from feedback_ui.common import (
+    NEGATIVE_REASONS,
+    POSITIVE_REASONS,
+    StopFlags,
+    UIContext,
+    to_chat,
+    user_errors,
+)
 
 ROLE = "user"
 THUMBS = [("👍 Good", 1), ("👎 Bad", -1)]
@@ -34,7 +40,7 @@ class ChatHandlers:
 
     def __init__(self, ctx: UIContext) -> None:
         self.ctx = ctx
-        self._stops: dict[str, threading.Event] = {}  # session -> stop flag of its running reply
+        self._stops = StopFlags()  # (user, session) -> stop flag of its running reply
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -61,11 +67,6 @@ class ChatHandlers:
         choices = [(f"Reply {i + 1}", m.id) for i, m in enumerate(siblings)]
         return gr.update(choices=choices, value=path[-1], visible=len(siblings) >= 2)
 
-    def _stop_flag(self, request: gr.Request) -> threading.Event:
-        flag = threading.Event()
-        self._stops[request.session_hash or ""] = flag
-        return flag
-
     def _stream(
         self, state: dict, chunks: Iterator[Any], before: list[dict], request: gr.Request
     ) -> Iterator[tuple[Any, ...]]:
@@ -88,6 +89,7 @@ class ChatHandlers:
                 return
             yield state, shown, gr.update(), gr.update()
 
+    @user_errors
     def conversations(self, request: gr.Request) -> Any:
         """The caller's own conversations, newest first, for the dropdown."""
         caller = self.ctx.caller(request, ROLE, "listing conversations")
@@ -124,7 +126,11 @@ class ChatHandlers:
         before = [*self._shown(state["path"]), {"role": "user", "content": text}]
         parent = state["path"][-1] if state["path"] else None
         chunks = agent.stream_reply(
-            conv_id, text, parent_id=parent, sampling=sampling, stop_event=self._stop_flag(request)
+            conv_id,
+            text,
+            parent_id=parent,
+            sampling=sampling,
+            stop_event=self._stops.new(caller, request),
         )
         yield state, before, gr.update(), gr.update(), "", gr.update()
         out: tuple[Any, ...] = ()
@@ -149,7 +155,7 @@ class ChatHandlers:
         self._own_reply(caller, state["path"][-1])
         sampling = _sampling(temperature, top_p, max_new_tokens, repetition_penalty)
         chunks = self._agent().regenerate(
-            state["path"][-1], sampling=sampling, stop_event=self._stop_flag(request)
+            state["path"][-1], sampling=sampling, stop_event=self._stops.new(caller, request)
         )
         before = self._shown(state["path"][:-1])
         state = {**state, "path": state["path"][:-2]}
@@ -191,18 +197,17 @@ class ChatHandlers:
         parent = state["path"][-1] if state["path"] else None
         chunks = self._agent().stream_reply(
             state["conversation_id"], text, parent_id=parent, sampling=sampling,
-            stop_event=self._stop_flag(request),
+            stop_event=self._stops.new(caller, request),
         )  # fmt: skip
         before = [*self._shown(state["path"]), {"role": "user", "content": text}]
         yield from self._stream(state, chunks, before, request)
 
+    @user_errors
     def stop(self, request: gr.Request) -> None:
-        """Stop this session's running reply; the part already written is kept and stored."""
-        self.ctx.caller(request, ROLE, "chatting")
-        flag = self._stops.get(request.session_hash or "")
-        if flag is not None:
-            flag.set()
+        """Stop the caller's running reply in this session; the part written so far is stored."""
+        self._stops.stop(self.ctx.caller(request, ROLE, "chatting"), request)
 
+    @user_errors
     def new_conversation(self, request: gr.Request) -> tuple[Any, ...]:
         """Clear the screen; the next message starts a new conversation."""
         self.ctx.caller(request, ROLE, "chatting")

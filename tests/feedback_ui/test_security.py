@@ -71,3 +71,14 @@ def test_password_role_change_and_disable_end_open_sessions(server, sqlite_store
     # Another user's session is untouched by all of this.
     root = Client(server, auth=("root", PASSWORD), verbose=False)
     assert "root" in root.predict(api_name="/whoami")[0]
+
+
+def test_a_known_session_id_gives_another_login_no_hold_over_that_page(server) -> None:
+    alice = Client(server, auth=("alice", PASSWORD), verbose=False)
+    assert "alice" in alice.predict(api_name="/whoami")[0]  # alice's page session is open
+    carol = Client(server, auth=("carol", PASSWORD), verbose=False)
+    carol.session_hash = alice.session_hash  # carol learnt alice's session id
+    for api_name in ("/chat_stop", "/chat_new", "/arena_stop"):
+        with pytest.raises(Exception, match="belongs to another login"):
+            carol.predict(api_name=api_name)
+    assert "alice" in alice.predict(api_name="/whoami")[0]
