@@ -1,7 +1,9 @@
 """The `rlchat` command: one console script, one module per subcommand under `rlchat.commands`.
 
 Each command module has `add_parser(subparsers)` and `run(args) -> int`; the logic lives in
-`agent`, `rl` and `feedback_ui`. Errors rlchat raises on purpose print as one line, exit 2.
+`agent`, `rl` and `feedback_ui`. Errors rlchat raises on purpose, and the database and file
+system errors a user can cause, print as one line with the cause and the fix, and exit 2
+(`-v` adds the traceback to the log).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import sys
 
 from agent.errors import RLChatError
+from rlchat.errors import explain
 
 # Subcommand name -> module under rlchat.commands. Imported lazily: `rlchat db stats`
 # must not pay for importing torch.
@@ -60,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except RLChatError as exc:
         print(f"rlchat: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        message = explain(exc)
+        if message is None:
+            raise
+        logging.getLogger("rlchat").debug("the error in full", exc_info=True)
+        print(f"rlchat: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rlchat: interrupted", file=sys.stderr)

@@ -1,7 +1,8 @@
 """`rlchat chat`: a terminal chat on the deployed policy, logged like any other chat.
 
-Reads one message per line from stdin (a terminal or a pipe). `/new` starts a new
-conversation, `/quit` or end of input exits.
+Reads one message per line from stdin (a terminal or a pipe), as UTF-8: a line that is not
+valid UTF-8 is reported and skipped. `/new` starts a new conversation, `/quit` or end of
+input exits.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 from agent.chat import ChatAgent, SamplingParams
 from agent.errors import ValidationError
+from agent.store.users import check_user_name
 from rlchat.commands import open_store
 
 HELP = "type a message and press enter; /new starts a new conversation, /quit (or Ctrl-D) exits"
@@ -45,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     sampling.validate()
+    name = check_user_name(args.user or _login_name())
     agent = ChatAgent(store, settings, device=args.device)
     agent.policy()  # load now: no deployed model -> a NotFoundError saying what to run
-    user = store.get_or_create_user(args.user or _login_name())
+    user = store.get_or_create_user(name)
     interactive = sys.stdin.isatty()
     if interactive:
         print(HELP)
@@ -55,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = _read_line()
+        if line is None:
+            continue
         if not line or line.strip() == "/quit":
             break
         text = line.rstrip("\n")
@@ -82,6 +87,20 @@ def _turn(agent: ChatAgent, conversation: int, text: str, sampling: SamplingPara
         if chunk.error:
             print(f"\nrlchat: the reply failed: {chunk.error}", file=sys.stderr)
     print()
+
+
+def _read_line() -> str | None:
+    """One line of stdin ("" at the end); None, after saying so, for a line that is not UTF-8."""
+    raw = sys.stdin.buffer.readline()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        print(
+            f"rlchat: that line is not valid UTF-8 text (byte {exc.start + 1}); it was "
+            "skipped: set your terminal to UTF-8 and send it again",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _login_name() -> str:

@@ -10,6 +10,19 @@ from agent.registry import ModelRegistry
 from agent.store.models import MODEL_KINDS, ModelVersion
 from rlchat.commands import open_store
 
+MAX_ID = 2**31 - 1
+
+
+def version_id(text: str) -> int:
+    """An argparse type: a model version id (a whole number the database can hold)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"{value} is not a version id (1 to {MAX_ID:,})")
+    return value
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="model versions: list, show, add, deploy, roll back")
@@ -17,14 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls = actions.add_parser("list", help="every model version, as a table")
     ls.add_argument("--kind", choices=MODEL_KINDS, help="only this kind")
     show = actions.add_parser("show", help="one version: fields, metrics, what it loads")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=version_id)
     add = actions.add_parser("add", help="copy a model directory into the registry (a candidate)")
     add.add_argument("kind", choices=MODEL_KINDS)
     add.add_argument("src", help="model or adapter directory (a base may be a hub id)")
-    add.add_argument("--parent", type=int, help="version the adapter was trained on")
+    add.add_argument("--parent", type=version_id, help="version the adapter was trained on")
     add.add_argument("--name", default="", help="a label shown in listings")
     deploy = actions.add_parser("deploy", help="serve this version from the next chat turn")
-    deploy.add_argument("id", type=int)
+    deploy.add_argument("id", type=version_id)
     actions.add_parser("rollback", help="return to the previously deployed version")
     p.set_defaults(run=run)
 
