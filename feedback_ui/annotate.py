@@ -15,7 +15,14 @@ import gradio as gr
 
 from agent.errors import NotFoundError, PermissionDenied, ValidationError
 from feedback_ui import stats
-from feedback_ui.common import NEGATIVE_REASONS, POSITIVE_REASONS, UIContext, to_chat, user_errors
+from feedback_ui.common import (
+    NEGATIVE_REASONS,
+    POSITIVE_REASONS,
+    UIContext,
+    text_input,
+    to_chat,
+    user_errors,
+)
 
 ROLE = "annotator"
 SCORES = [("1 poor", 1), ("2", 2), ("3", 3), ("4", 4), ("5 excellent", 5)]
@@ -91,6 +98,7 @@ class AnnotateHandlers:
         caller = self.ctx.caller(request, ROLE, "rating replies")
         if item_id is None:
             raise ValidationError("item: there is no reply on screen to rate; press Next")
+        text_input("comment", comment or "", self.ctx.settings.max_text_chars, allow_empty=True)
         self._check_rateable(int(item_id), caller.id)
         for criterion, score in zip(self.criteria, scores, strict=True):
             if score is None:

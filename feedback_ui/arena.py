@@ -26,10 +26,19 @@ import gradio as gr
 from agent.chat import SamplingParams
 from agent.errors import NotFoundError, PermissionDenied, ValidationError
 from agent.registry import ADAPTER_KINDS
-from agent.store.api import POLICY_KINDS, check_text
+from agent.store.api import POLICY_KINDS
 from agent.store.models import ModelVersion
 from feedback_ui.auth import Caller
-from feedback_ui.common import StopFlags, UIContext, to_chat, user_errors
+from feedback_ui.common import (
+    StopFlags,
+    UIContext,
+    number_component,
+    number_input,
+    text_input,
+    to_chat,
+    user_errors,
+    whole_input,
+)
 
 ROLE = "user"
 CHOICE_LABELS = {
@@ -171,11 +180,13 @@ class ArenaHandlers:
     ) -> _Plan:  # fmt: skip
         """Check everything and pick sides before anything is stored."""
         agent = self._agent()
-        check_text("message", text or "", self.ctx.settings.max_text_chars)
+        text_input("message", text or "", self.ctx.settings.max_text_chars)
+        max_new_tokens = whole_input("max new tokens", max_new_tokens)
+        temperature = number_input("temperature", temperature)
         versions = self._versions(caller, *picks)
         seed = self._rng.getrandbits(32)
         sampling = SamplingParams(
-            max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=seed
+            max_new_tokens=int(max_new_tokens), temperature=temperature, seed=seed
         )
         sampling.validate()
         for version_id in versions:  # fail now if one of them cannot be served
@@ -295,6 +306,8 @@ def build_arena_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
     with gr.Accordion("Settings", open=False):
         temperature = gr.Slider(0, 2, 0.8, step=0.05, label="Temperature")
         max_new = gr.Slider(8, 1024, 128, step=8, label="Max new tokens")
+    for slider in (temperature, max_new):
+        number_component(slider, str(slider.label).lower())
     with gr.Accordion("Choose versions (admins)", open=False, visible=False) as admin_box:
         picks = [gr.Dropdown(label=f"Version {i}", choices=[], value=None) for i in (1, 2)]
 

@@ -15,15 +15,20 @@ import gradio as gr
 
 from agent.chat import SamplingParams
 from agent.errors import PermissionDenied, ValidationError
-from agent.store.api import check_text
 from feedback_ui.auth import Caller
 from feedback_ui.common import (
     NEGATIVE_REASONS,
     POSITIVE_REASONS,
+    LikeEvent,
     StopFlags,
     UIContext,
+    id_input,
+    number_component,
+    number_input,
+    text_input,
     to_chat,
     user_errors,
+    whole_input,
 )
 
 ROLE = "user"
@@ -114,11 +119,11 @@ class ChatHandlers:
         """Store the message, stream the reply, store it; outputs (state, chat, siblings, reply id, textbox, conversations)."""
         caller = self.ctx.caller(request, ROLE, "chatting")
         agent = self._agent()
-        check_text("message", text or "", self.ctx.settings.max_text_chars)
+        text_input("message", text or "", self.ctx.settings.max_text_chars)
         sampling = _sampling(temperature, top_p, max_new_tokens, repetition_penalty)
         conv_id = state["conversation_id"]
         if conv_id is None:
-            check_text("system prompt", system_prompt or "", self.ctx.settings.max_text_chars, True)
+            text_input("system prompt", system_prompt or "", self.ctx.settings.max_text_chars, True)
             conv_id = agent.new_conversation(caller.id, system_prompt or "")
             state = {"conversation_id": conv_id, "path": []}
         else:
@@ -184,7 +189,7 @@ class ChatHandlers:
             raise ValidationError("edit: only your own messages can be edited and resent")
         self._own(caller, state["conversation_id"])
         text = edit.value if isinstance(edit.value, str) else str(edit.value)
-        check_text("message", text, self.ctx.settings.max_text_chars)
+        text_input("message", text, self.ctx.settings.max_text_chars)
         sampling = _sampling(temperature, top_p, max_new_tokens, repetition_penalty)
         if index == 0:
             old = self.ctx.store.get_conversation(state["conversation_id"])
@@ -265,10 +270,13 @@ class ChatHandlers:
         return f"Saved: the shown reply is better than {len(others)} other(s)."
 
     @user_errors
-    def like(self, state: dict, data: gr.LikeData, request: gr.Request) -> tuple[Any, ...]:
+    def like(self, state: dict, data: LikeEvent, request: gr.Request) -> tuple[Any, ...]:
         """The chatbot's thumb icons: store the thumb at once, select the reply for details."""
         caller = self.ctx.caller(request, ROLE, "rating replies")
+        if data.index is None:
+            raise ValidationError("like: no reply was clicked; click a reply's thumb icons")
         index = data.index if isinstance(data.index, int) else data.index[0]
+        index = whole_input("like: index", index)
         if not 0 <= index < len(state["path"]):
             raise ValidationError("reply: that message is no longer on screen")
         reply_id = state["path"][index]
@@ -286,18 +294,20 @@ class ChatHandlers:
         caller = self.ctx.caller(request, ROLE, "rating replies")
         if not reply_id:  # None, or 0 from an empty number box
             raise ValidationError("reply: no reply selected; click the thumb icons on one")
+        message_id = id_input("reply", reply_id)
         if thumb not in (1, -1):
             raise ValidationError("thumb: choose 👍 Good or 👎 Bad")
-        self._own_reply(caller, int(reply_id))
+        text_input("comment", comment or "", self.ctx.settings.max_text_chars, allow_empty=True)
+        self._own_reply(caller, message_id)
         self.ctx.store.set_rating(
-            int(reply_id),
+            message_id,
             caller.id,
             "thumb",
             thumb,
             reasons=list(reasons or []),
             comment=comment or "",
         )
-        return f"Thanks! Feedback on reply #{int(reply_id)} saved."
+        return f"Thanks! Feedback on reply #{message_id} saved."
 
     def _agent(self) -> Any:
         if self.ctx.agent is None:
@@ -310,10 +320,10 @@ def _sampling(
 ) -> SamplingParams:
     """Sampling parameters from the settings sliders, validated (errors name the field)."""
     params = SamplingParams(
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        repetition_penalty=float(penalty),
+        max_new_tokens=whole_input("max new tokens", max_new_tokens),
+        temperature=number_input("temperature", temperature),
+        top_p=number_input("top-p", top_p),
+        repetition_penalty=number_input("repetition penalty", penalty),
     )
     params.validate()
     return params
@@ -349,8 +359,9 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
                 better = gr.Button("⭐ The shown reply is better", size="sm", elem_id="chat-better")
             with gr.Accordion("Feedback on a reply", open=True):
                 with gr.Row():
-                    reply_id = gr.Number(
-                        label="Reply #", precision=0, interactive=False, scale=1, elem_id="fb-reply"
+                    reply_id = number_component(
+                        gr.Number(label="Reply #", interactive=False, scale=1, elem_id="fb-reply"),
+                        "reply",
                     )
                     thumb = gr.Radio(THUMBS, label="Verdict", scale=2, elem_id="fb-thumb")
                 reasons = gr.CheckboxGroup(
@@ -371,6 +382,8 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
                 top_p = gr.Slider(0.05, 1, 0.95, step=0.05, label="Top-p")
                 max_new = gr.Slider(8, 1024, 128, step=8, label="Max new tokens")
                 penalty = gr.Slider(1, 2, 1.1, step=0.05, label="Repetition penalty")
+    for slider in (temperature, top_p, max_new, penalty):
+        number_component(slider, str(slider.label).lower())
     sampling = [temperature, top_p, max_new, penalty]
     streamed = [state, chatbot, siblings, reply_id]
     gen = dict(concurrency_id="generate", concurrency_limit=concurrency)

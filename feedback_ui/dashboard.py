@@ -16,7 +16,7 @@ import pandas as pd
 from agent.errors import ValidationError
 from agent.registry import ModelRegistry
 from feedback_ui import stats
-from feedback_ui.common import UIContext, user_errors
+from feedback_ui.common import UIContext, id_input, number_component, user_errors
 
 ROLE = "admin"
 ARENA_BOOTSTRAP = 1000
@@ -68,9 +68,9 @@ class DashboardHandlers:
     def deploy(self, version_id: float | None, request: gr.Request) -> tuple[Any, ...]:
         """Serve `version_id` from the next chat turn on (admins only)."""
         caller = self.ctx.caller(request, ROLE, "deploying a model")
-        if version_id is None or version_id != int(version_id) or version_id < 1:
+        if version_id is None:
             raise ValidationError("version id: give the id of a model version from the table")
-        mv = self.registry.deploy(int(version_id))
+        mv = self.registry.deploy(id_input("version id", version_id))
         gr.Info(f"Deployed model version {mv.id}; chats use it from their next turn.")
         message = f"{caller.name} deployed version {mv.id} ({mv.kind} {mv.name})."
         return (message, *self.refresh(request))
@@ -149,7 +149,7 @@ def build_dashboard_tab(ctx: UIContext) -> dict[str, Any]:
     gr.Markdown("### Model versions")
     versions = gr.Dataframe(interactive=False, elem_id="dash-versions")
     with gr.Row():
-        version_id = gr.Number(label="Version id", precision=0, scale=1)
+        version_id = number_component(gr.Number(label="Version id", scale=1), "version id")
         deploy = gr.Button("Deploy", variant="primary", scale=0, elem_id="dash-deploy")
         rollback = gr.Button("Roll back", variant="stop", scale=0, elem_id="dash-rollback")
     action = gr.Markdown(elem_id="dash-action")
