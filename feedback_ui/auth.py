@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from agent.errors import PermissionDenied, ValidationError
 from agent.store.api import Store
 from agent.store.models import User
-from agent.store.users import upgrade_password_hash
+from agent.store.users import check_user_name, upgrade_password_hash
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,10 @@ class Access:
         A disabled account is refused after the password check. A hash of an older, lower
         cost is replaced by one of today's cost (the password is known to be right).
         """
-        user = self.store.get_user(username) if username else None
+        try:  # a name no user can have (NUL, lone surrogates, too long) is simply unknown
+            user = self.store.get_user(check_user_name(username))
+        except ValidationError:
+            user = None
         stored = user.password_hash if user is not None and user.password_hash else None
         ok = verify_password(password, stored or _dummy_hash()) and stored is not None
         if not ok or user is None:

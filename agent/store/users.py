@@ -17,6 +17,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.errors import NotFoundError, ValidationError
@@ -82,6 +83,31 @@ def create_user(
         user = User(name=name, role=role, password_hash=password_hash)
         s.add(user)
     return user
+
+
+def find_user(store: Store, name: str) -> User | None:
+    """The user whose name equals `name` after normalisation (an exact match first)."""
+    exact = store.get_user(name)
+    if exact is not None:
+        return exact
+    key = name_key(name)
+    return next((u for u in store.list_users() if name_key(u.name) == key), None)
+
+
+def get_or_create_user(store: Store, name: str, role: str = "user") -> User:
+    """The user called `name` (after normalisation), created with `role` when there is none."""
+    check_user_name(name)
+    if role not in ROLES:
+        raise ValidationError(f"role: {role!r} is not one of {', '.join(ROLES)}")
+    for _ in range(2):  # a second try finds the user a concurrent caller just created
+        existing = find_user(store, name)
+        if existing is not None:
+            return existing
+        try:
+            return create_user(store, name, role=role)
+        except (ValidationError, IntegrityError):
+            continue
+    raise ValidationError(f"user name {name!r}: could not be created; try again")
 
 
 def _bump(store: Store, name: str, **values: object) -> None:

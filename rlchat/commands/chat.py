@@ -13,6 +13,7 @@ import sys
 
 from agent.chat import ChatAgent, SamplingParams
 from agent.errors import ValidationError
+from agent.store import users
 from agent.store.users import check_user_name
 from rlchat.commands import open_store
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     name = check_user_name(args.user or _login_name())
     agent = ChatAgent(store, settings, device=args.device)
     agent.policy()  # load now: no deployed model -> a NotFoundError saying what to run
-    user = store.get_or_create_user(name)
+    user = users.get_or_create_user(store, name)
     interactive = sys.stdin.isatty()
     if interactive:
         print(HELP)

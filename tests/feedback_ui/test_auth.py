@@ -100,7 +100,8 @@ def test_unknown_user_costs_the_same_scrypt_work(store, people, monkeypatch) -> 
     assert not access.check_login("alice", "wrong password!")
     assert not access.check_login("nobody", "wrong password!")
     assert not access.check_login("", "wrong password!")
-    assert calls == [2**17, 2**17, 2**17]
+    assert not access.check_login("nul\x00name", "wrong password!")  # no database error either
+    assert calls == [2**17] * 4
 
 
 def test_user_names_are_printable_and_unique_after_normalisation(
@@ -156,3 +157,14 @@ def test_disable_enable_delete_and_sessions_epoch(
     assert cli.main([*base, "users", "delete", "carol", "--yes"]) == 0
     assert store.get_user("carol") is None and store.list_conversations() == []
     assert cli.main([*base, "users", "delete", "ghost"]) == 2
+
+
+def test_get_or_create_finds_a_user_under_any_spelling(store, people) -> None:
+    from agent.store import users
+
+    assert users.get_or_create_user(store, "ALICE").id == people.alice
+    assert users.get_or_create_user(store, "\uff41\uff4c\uff49\uff43\uff45").id == people.alice
+    dora = users.get_or_create_user(store, "dora")
+    assert users.get_or_create_user(store, "Dora").id == dora.id
+    with pytest.raises(ValidationError, match="whitespace"):
+        users.get_or_create_user(store, "new\nline")
