@@ -32,8 +32,12 @@ class StoreBase:
         self.max_text_chars = max_text_chars
         self.sessions = db.session_factory(engine)
         self.writer = Writer(engine.dialect.name)
-        # PostgreSQL: a one-statement write runs in autocommit (no BEGIN/COMMIT round trips).
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # A one-statement write runs in autocommit: no BEGIN/COMMIT round trips on PostgreSQL,
+        # and on SQLite the write lock is held for that statement only.
+        if self.writer.postgres:
+            self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        else:  # not SQLAlchemy's AUTOCOMMIT: resetting it would turn the driver's own BEGIN on
+            self._autocommit = engine.execution_options(**{db.AUTOCOMMIT: True})
         self._reader = engine.execution_options(**{db.READ_ONLY: True})
 
     @classmethod
@@ -65,13 +69,13 @@ class StoreBase:
         return dialect.insert(model)
 
     def _write(self, work: Callable[[Connection], T], one_statement: bool = False) -> T:
-        """Run `work` in one transaction (one statement: autocommit on PostgreSQL).
+        """Run `work` in one transaction, or in autocommit when it is `one_statement`.
 
         A connection found dropped (server restart, idle timeout) is retried once on a fresh
         one: that is what replaces a ping at every checkout. A refused write is explained by
         a look-up after the rollback.
         """
-        autocommit = one_statement and self.writer.postgres
+        autocommit = one_statement
         for attempt in (1, 2):
             try:
                 if autocommit:

@@ -38,6 +38,9 @@ POOL_RECYCLE_S = 1800
 LOCK_TIMEOUT = "30s"
 """PostgreSQL: a statement waiting longer than this for a row lock fails instead of hanging."""
 SQLITE_SYNCHRONOUS = ("NORMAL", "FULL")
+AUTOCOMMIT = "rlchat_autocommit"
+"""Execution option: on SQLite, begin no transaction (each statement commits on its own; the
+driver is always in autocommit here, SQLAlchemy's BEGIN is ours)."""
 READ_ONLY = "rlchat_read_only"
 """Execution option: on SQLite, begin a plain (deferred) transaction that takes no write lock."""
 
@@ -103,9 +106,12 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int, synchronous: str) ->
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # type: ignore[no-untyped-def]
-        # Long reads (exports, dataset snapshots) must not hold the write lock.
-        read_only = conn.get_execution_options().get(READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        # Long reads (exports, dataset snapshots) must not hold the write lock; a statement
+        # in autocommit takes the lock itself, only for as long as it runs.
+        options = conn.get_execution_options()
+        if options.get(AUTOCOMMIT, False):
+            return
+        conn.exec_driver_sql("BEGIN" if options.get(READ_ONLY, False) else "BEGIN IMMEDIATE")
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:

@@ -5,8 +5,12 @@ RETURNING`: the SELECT reads only the ids and roles it needs, so a row comes bac
 when the write is valid. When none comes back (or a foreign key refuses the row), and only
 then, `explain` looks up which reference is wrong and says so. On PostgreSQL the rating's
 annotation-lease clean-up (and a first user turn's conversation title) are folded into the
-same statement as data-modifying CTEs, so a write is one round trip in autocommit; SQLite
-runs the same INSERT plus those small statements inside one `BEGIN IMMEDIATE` transaction.
+same statement as data-modifying CTEs, so a write is one round trip in autocommit. SQLite
+has no such CTEs: it runs the same INSERT in autocommit too (holding the write lock for that
+one statement only, instead of across several Python calls), then, only when a keyed read
+finds one, the lease clean-up or the title as a second statement. A crash between the two
+leaves a lease that expires on its own, or an untitled conversation; batches run all of it
+in one `BEGIN IMMEDIATE` transaction.
 
 Validation that needs no database (ranges, kinds, text limits) happens in `check_*` before
 anything is sent, and batches check every item before the first write.
@@ -234,10 +238,18 @@ class Writer:
             for first in (True, False)
             for is_user in (True, False)
         }
+        # SQLite's follow-ups, each only when a cheap keyed read says there is work to do.
         self.title_stmt = (
             update(Conversation)
             .where(Conversation.id == bindparam("conversation_id"), Conversation.title == "")
             .values(title=bindparam("title"))
+        )
+        self.untitled = select(Conversation.id).where(
+            Conversation.id == bindparam("conversation_id"), Conversation.title == ""
+        )
+        self.leased = select(AnnotationLease.id).where(
+            AnnotationLease.message_id == bindparam("message_id"),
+            AnnotationLease.rater_id == bindparam("rater_id"),
         )
 
     def _rating(self) -> tuple[Executable, Executable | None]:
@@ -336,7 +348,7 @@ class Writer:
 
     def rating(self, conn: Connection, params: dict[str, Any], prefix: str = "") -> int:
         row_id = self._one(conn, self.rating_stmt, params, "rating", prefix)
-        if self.lease_stmt is not None:
+        if self.lease_stmt is not None and conn.scalar(self.leased, params) is not None:
             conn.execute(self.lease_stmt, params)
         return row_id
 
@@ -347,7 +359,8 @@ class Writer:
         stmt = self.message_stmts[(params["parent_id"] is None, params["role"] == "user")]
         row_id = self._one(conn, stmt, params, "message", prefix)
         if not self.postgres and params["role"] == "user":
-            conn.execute(self.title_stmt, params)
+            if conn.scalar(self.untitled, params) is not None:
+                conn.execute(self.title_stmt, params)
         return row_id
 
     @staticmethod
