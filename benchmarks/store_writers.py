@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, make_url, text
@@ -174,9 +175,14 @@ def run_writers(setup: Setup, processes: int, n: int, kind: str, path: str = "st
 
 @contextmanager
 def fresh_database(url: str) -> Iterator[str]:
-    """A URL on an empty database: a new SQLite file, or a new PostgreSQL schema."""
-    if make_url(url).get_backend_name() == "sqlite":
-        yield f"sqlite:///{tempfile.mkdtemp(prefix='rlchat-bench-')}/bench.db"
+    """A URL on an empty database: a new SQLite file (in a new folder beside the one given,
+    or in the temp dir for `sqlite://`), or a new PostgreSQL schema."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        folder = Path(parsed.database).parent if parsed.database else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        yield f"sqlite:///{tempfile.mkdtemp(prefix='rlchat-bench-', dir=folder)}/bench.db"
         return
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
