@@ -35,7 +35,7 @@ class StoreBase:
         # A one-statement write runs in autocommit: no BEGIN/COMMIT round trips on PostgreSQL,
         # and on SQLite the write lock is held for that statement only.
         if self.writer.postgres:
-            self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+            self._autocommit = db.autocommit_engine(engine)
         else:  # not SQLAlchemy's AUTOCOMMIT: resetting it would turn the driver's own BEGIN on
             self._autocommit = engine.execution_options(**{db.AUTOCOMMIT: True})
         self._reader = engine.execution_options(**{db.READ_ONLY: True})
@@ -62,6 +62,7 @@ class StoreBase:
             yield session
 
     def close(self) -> None:
+        self._autocommit.dispose()
         self.engine.dispose()
 
     def _insert(self, model: type[Base]) -> Any:

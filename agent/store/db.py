@@ -8,8 +8,10 @@ can lose the last commits (never corrupt the file); pass `sqlite_synchronous="FU
 that matters (each commit then waits for an fsync).
 
 PostgreSQL connections get `lock_timeout` once, when they are opened (not per transaction),
-and are recycled after `POOL_RECYCLE_S` instead of being pinged at every checkout; the store
-retries a write once when it finds its connection dropped. `synchronous_commit` is left at
+and are recycled after `POOL_RECYCLE_S`. One-statement writes (ratings, comparisons, turns)
+run on an autocommit twin of the engine whose connections are never pinged at checkout: the
+store retries such a write once when it finds its connection dropped. Reads and longer
+transactions, which cannot be replayed that way, keep the ping. `synchronous_commit` is left at
 the server's setting (on by default): an acknowledged write is on disk.
 """
 
@@ -75,8 +77,13 @@ def make_engine(
                 f"database_url: use the psycopg 3 driver, e.g. "
                 f"postgresql+psycopg://{parsed.host or 'localhost'}/..., not {parsed.drivername}"
             )
+        # Reads and multi-statement transactions keep the ping (they cannot be replayed);
+        # one-statement writes use `autocommit_engine`, which has none and retries instead.
         engine = create_engine(
-            url, pool_recycle=POOL_RECYCLE_S, connect_args={"connect_timeout": 10}
+            url,
+            pool_pre_ping=True,
+            pool_recycle=POOL_RECYCLE_S,
+            connect_args={"connect_timeout": 10},
         )
         event.listen(engine, "connect", _on_postgres_connect)
         return engine
@@ -84,6 +91,20 @@ def make_engine(
         f"database_url: unsupported database {backend!r}; use sqlite:///FILE or "
         "postgresql+psycopg://USER@HOST:PORT/DB"
     )
+
+
+def autocommit_engine(engine: Engine) -> Engine:
+    """A twin of PostgreSQL `engine` whose connections stay in autocommit, for one-statement
+    writes: its own pool, so no isolation switch at each checkout and no reset at checkin."""
+    twin = create_engine(
+        engine.url,
+        isolation_level="AUTOCOMMIT",
+        pool_reset_on_return=None,  # autocommit: there is never a transaction to roll back
+        pool_recycle=POOL_RECYCLE_S,
+        connect_args={"connect_timeout": 10},
+    )
+    event.listen(twin, "connect", _on_postgres_connect)
+    return twin
 
 
 def _on_postgres_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]

@@ -38,11 +38,16 @@ def statements(store: Store) -> Iterator[list[str]]:
     def record(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
         sent.append(" ".join(statement.split()))
 
-    event.listen(store.engine, "before_cursor_execute", record)
+    # On PostgreSQL one-statement writes have their own autocommit engine (and pool).
+    postgres = store.engine.dialect.name == "postgresql"
+    engines = [store.engine, store._autocommit] if postgres else [store.engine]
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         yield sent
     finally:
-        event.remove(store.engine, "before_cursor_execute", record)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
 
 
 def test_each_write_is_one_statement_with_no_validating_select(
@@ -186,21 +191,27 @@ def pg_store(postgres_url: str) -> Iterator[Store]:
 
 @pytest.mark.postgres
 def test_postgres_session_settings_once_and_no_ping(pg_store: Store) -> None:
-    assert pg_store.engine.pool._pre_ping is False  # type: ignore[attr-defined]
-    with pg_store.engine.connect() as conn:
-        assert conn.execute(text("SHOW lock_timeout")).scalar() == "30s"
-        assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
+    # One-statement writes never ping (reads and longer transactions, which cannot be
+    # replayed on a fresh connection, still do).
+    assert pg_store._autocommit.pool._pre_ping is False  # type: ignore[attr-defined]
+    for engine in (pg_store.engine, pg_store._autocommit):
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW lock_timeout")).scalar() == "30s"
+            assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
 
 
 @pytest.mark.postgres
 def test_postgres_dropped_connection_is_retried(pg_store: Store, postgres_url: str) -> None:
     user = pg_store.get_or_create_user("u")
     conv = pg_store.create_conversation(user.id)
-    with pg_store.engine.connect() as conn:  # the pooled connection the next write gets
-        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    pids = []
+    for engine in (pg_store.engine, pg_store._autocommit):  # the pooled connections
+        with engine.connect() as conn:
+            pids.append(conn.execute(text("SELECT pg_backend_pid()")).scalar())
     admin = create_engine(postgres_url)
     with admin.begin() as other:  # as a server restart or an idle timeout would
-        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        for pid in pids:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     admin.dispose()
     msg = pg_store.append_message(conv, "user", "still works")
     assert pg_store.get_message(msg).content == "still works"
