@@ -17,6 +17,16 @@ from sqlalchemy import Connection, CursorResult, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from agent.errors import NotFoundError, ValidationError
+from agent.store.inputs import (
+    LIKERT_RANGE,
+    ComparisonIn,
+    MessageIn,
+    RatingIn,
+    check_comparison,
+    check_message,
+    check_rating,
+    check_text,
+)
 from agent.store.models import (
     ROLES,
     SOURCES,
@@ -30,16 +40,6 @@ from agent.store.models import (
 )
 from agent.store.queue import AnnotationQueue
 from agent.store.versions import POLICY_KINDS, VersionsAndRuns
-from agent.store.writes import (
-    LIKERT_RANGE,
-    ComparisonIn,
-    MessageIn,
-    RatingIn,
-    check_comparison,
-    check_message,
-    check_rating,
-    check_text,
-)
 
 __all__ = [
     "LIKERT_RANGE",
