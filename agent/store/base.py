@@ -73,8 +73,10 @@ class StoreBase:
         """Run `work` in one transaction, or in autocommit when it is `one_statement`.
 
         A connection found dropped (server restart, idle timeout) is retried once on a fresh
-        one: that is what replaces a ping at every checkout. A refused write is explained by
-        a look-up after the rollback.
+        one: that is what replaces a ping at every checkout. (A connection lost after the
+        server committed but before its reply arrived looks the same: an upsert is then
+        simply applied again; an appended message could be stored twice.) A refused write
+        is explained by a look-up after the rollback.
         """
         autocommit = one_statement
         for attempt in (1, 2):
