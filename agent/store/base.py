@@ -78,10 +78,9 @@ class StoreBase:
         simply applied again; an appended message could be stored twice.) A refused write
         is explained by a look-up after the rollback.
         """
-        autocommit = one_statement
         for attempt in (1, 2):
             try:
-                if autocommit:
+                if one_statement:
                     with self._autocommit.connect() as conn:
                         return work(conn)
                 with self.engine.begin() as conn:
