@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from agent.errors import NotFoundError, PermissionDenied, ValidationError
+from agent.store.api import RatingIn
 from feedback_ui import stats
 from feedback_ui.common import (
     NEGATIVE_REASONS,
@@ -103,16 +104,14 @@ class AnnotateHandlers:
         for criterion, score in zip(self.criteria, scores, strict=True):
             if score is None:
                 raise ValidationError(f"{criterion}: pick a score from 1 to 5")
-        for criterion, score in zip(self.criteria, scores, strict=True):
-            self.ctx.store.set_rating(
-                int(item_id),
-                caller.id,
-                "likert",
-                int(score),
-                criterion=criterion,
-                reasons=list(reasons or []),
-                comment=comment or "",
-            )
+        # One transaction for every criterion: two submits at once never mix their scores.
+        tags, text = list(reasons or []), comment or ""
+        self.ctx.store.set_ratings(
+            [
+                RatingIn(int(item_id), caller.id, "likert", int(score), criterion, tags, text)
+                for criterion, score in zip(self.criteria, scores, strict=True)
+            ]
+        )
         history = [*history, {"kind": "likert", "message_id": int(item_id)}]
         return (history, *self.next_item(request))
 

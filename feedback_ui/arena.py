@@ -218,10 +218,11 @@ class ArenaHandlers:
         agent, flag, shared = self._agent(), self._stops.new(caller, request), plan.shared
         waiting = "Both models are answering…"
         yield state, shared, shared, waiting, "", gr.update(visible=False)
-        chunks = agent.stream_reply(
-            plan.conversation_id, text, parent_id=plan.parent_id, sampling=plan.sampling,
-            version_id=plan.sides[0], stop_event=flag,
-        )  # fmt: skip
+        with self.ctx.store.discarding_if_empty(plan.conversation_id, new=plan.parent_id is None):
+            chunks = agent.stream_reply(
+                plan.conversation_id, text, parent_id=plan.parent_id, sampling=plan.sampling,
+                version_id=plan.sides[0], stop_event=flag,
+            )  # fmt: skip
         for first in chunks:
             reply_a = [*shared, {"role": "assistant", "content": first.text}]
             yield state, reply_a, shared, waiting, gr.update(), gr.update()

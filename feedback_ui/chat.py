@@ -130,13 +130,11 @@ class ChatHandlers:
             self._own(caller, conv_id)
         before = [*self._shown(state["path"]), {"role": "user", "content": text}]
         parent = state["path"][-1] if state["path"] else None
-        chunks = agent.stream_reply(
-            conv_id,
-            text,
-            parent_id=parent,
-            sampling=sampling,
-            stop_event=self._stops.new(caller, request),
-        )
+        with self.ctx.store.discarding_if_empty(conv_id, new=not state["path"]):
+            chunks = agent.stream_reply(
+                conv_id, text, parent_id=parent, sampling=sampling,
+                stop_event=self._stops.new(caller, request),
+            )  # fmt: skip
         yield state, before, gr.update(), gr.update(), "", gr.update()
         out: tuple[Any, ...] = ()
         for out in self._stream(state, chunks, before, request):
@@ -200,10 +198,11 @@ class ChatHandlers:
         else:
             state = {**state, "path": path[:index]}
         parent = state["path"][-1] if state["path"] else None
-        chunks = self._agent().stream_reply(
-            state["conversation_id"], text, parent_id=parent, sampling=sampling,
-            stop_event=self._stops.new(caller, request),
-        )  # fmt: skip
+        with self.ctx.store.discarding_if_empty(state["conversation_id"], new=index == 0):
+            chunks = self._agent().stream_reply(
+                state["conversation_id"], text, parent_id=parent, sampling=sampling,
+                stop_event=self._stops.new(caller, request),
+            )  # fmt: skip
         before = [*self._shown(state["path"]), {"role": "user", "content": text}]
         yield from self._stream(state, chunks, before, request)
 

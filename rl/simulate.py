@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from agent.chat import ChatAgent, SamplingParams
 from agent.config import Settings
 from agent.errors import ConfigError, ValidationError
-from agent.store.api import Store
+from agent.store.api import ComparisonIn, RatingIn, Store
 from rl.env import jsonl_prompts
 from rl.oracles import load_oracle
 
@@ -161,27 +161,28 @@ def annotate(
         while items := store.next_for_annotation(
             ann.id, config.overlap, settings.annotation_lease_s, limit=20
         ):
+            batch = []
             for msg in items:
                 if msg.conversation_id not in mine:
                     store.skip_annotation(msg.id, ann.id)  # not part of this simulation
                     continue
                 value = _judge_likert(score(msg.id), rng.random() < config.noise)
-                store.set_rating(msg.id, ann.id, "likert", value, criterion=criterion)
-                n_likert += 1
+                batch.append(RatingIn(msg.id, ann.id, "likert", value, criterion))
+            n_likert += len(store.set_ratings(batch))  # one transaction per leased batch
     n_pairs = 0
     for conv in conversations:
         by_parent: dict[int, list[int]] = {}
         for m in store.messages(conv):
             if m.role == "assistant" and m.parent_id is not None and not m.error:
                 by_parent.setdefault(m.parent_id, []).append(m.id)
+        pairs = []
         for siblings in by_parent.values():
             for a, b in combinations(siblings, 2):
                 sa, sb = score(a), score(b)
                 for ann in rng.sample(annotators, config.overlap):
-                    store.add_comparison(
-                        ann.id, a, b, _judge_pair(sa, sb, rng.random() < config.noise)
-                    )
-                    n_pairs += 1
+                    choice = _judge_pair(sa, sb, rng.random() < config.noise)
+                    pairs.append(ComparisonIn(ann.id, a, b, choice))
+        n_pairs += len(store.add_comparisons(pairs))  # one transaction per conversation
     return {"likert_ratings": n_likert, "comparisons": n_pairs}
 
 
