@@ -6,17 +6,17 @@
     log.info("%s", prefs.summary.format())
 
 Everything reads one snapshot: the rows created at or before a cut-off time, so a job (and its
-resumption) trains on exactly the data it started with. Train and held-out are split **by
-conversation** with a hash of the conversation id (`is_heldout`): deterministic, stable as the
-database grows, and no held-out conversation ever contributes a training row. Rows come out
-in TRL's conversational formats: SFT as prompt-completion ({"prompt": [...messages],
-"completion": [{"role": "assistant", ...}]}, so the loss falls on the rated reply only),
-preferences as {"prompt": [...], "chosen": [...], "rejected": [...], "margin": float}.
+resumption) trains on exactly the data it started with. Rows are split **by conversation**
+with the split stored in the database (`agent.store.splits`: train / validation / judge /
+test, decided once per conversation), so every stage sees the same split and no held-out
+conversation ever contributes a training row. Rows come out in TRL's conversational formats:
+SFT as prompt-completion ({"prompt": [...messages], "completion": [{"role": "assistant", ...}]},
+so the loss falls on the rated reply only), preferences as {"prompt": [...], "chosen": [...],
+"rejected": [...], "margin": float}.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
@@ -30,6 +30,7 @@ from sqlalchemy import select
 from agent.errors import ValidationError
 from agent.store.api import Store
 from agent.store.models import Comparison, Conversation, Message, Rating
+from agent.store.splits import SPLITS, SplitFractions, assign_splits
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,12 @@ class Snapshot:
     messages: dict[int, Message]
     ratings: list[Rating]
     comparisons: list[Comparison]
+    splits: dict[int, str] = field(default_factory=dict)
+    """Each conversation's stored split (train / validation / judge / test)."""
+
+    def split_of(self, conversation_id: int) -> str:
+        """The stored split of a conversation of the snapshot."""
+        return self.splits[conversation_id]
 
     def context(self, message_id: int) -> Chat:
         """The chat before `message_id`: system prompt, then its branch (failed replies left out)."""
@@ -63,8 +70,11 @@ class Snapshot:
         return chat + [{"role": m.role, "content": m.content} for m in chain[::-1] if not m.error]
 
 
-def load_snapshot(store: Store, cutoff: datetime) -> Snapshot:
-    """Conversations, messages, ratings and comparisons created at or before `cutoff`."""
+def load_snapshot(
+    store: Store, cutoff: datetime, fractions: SplitFractions | None = None
+) -> Snapshot:
+    """Conversations, messages, ratings and comparisons created at or before `cutoff`, with
+    each conversation's stored split (drawn with `fractions` and stored for new ones)."""
     with store.reading() as s:
         convs = s.scalars(select(Conversation).where(Conversation.created_at <= cutoff))
         msgs = s.scalars(select(Message).where(Message.created_at <= cutoff).order_by(Message.id))
@@ -86,27 +96,15 @@ def load_snapshot(store: Store, cutoff: datetime) -> Snapshot:
     snap.comparisons = [
         c for c in snap.comparisons if {c.message_a_id, c.message_b_id} <= snap.messages.keys()
     ]
+    snap.splits = assign_splits(store, snap.conversations.keys(), fractions)
     return snap
 
 
-def is_heldout(conversation_id: int, fraction: float, seed: int = 0) -> bool:
-    """Whether a conversation is held out: a hash of (seed, id), the same in every job."""
-    digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def split_conversations(
-    conversation_ids: set[int] | list[int], fraction: float, seed: int = 0
-) -> tuple[set[int], set[int]]:
-    """(train, held-out) ids by `is_heldout`; at least one held out when there are two or more."""
-    if not 0 <= fraction < 1:
-        raise ValidationError(f"heldout_fraction: must be in [0, 1), got {fraction}")
-    ids = set(conversation_ids)
-    heldout = {c for c in ids if is_heldout(c, fraction, seed)}
-    if fraction > 0 and not heldout and len(ids) >= 2:
-        key = lambda c: hashlib.sha256(f"{seed}:{c}".encode()).digest()  # noqa: E731
-        heldout = {min(ids, key=key)}
-    return ids - heldout, heldout
+def conversations_in(snap: Snapshot, split: str) -> list[int]:
+    """The ids of the snapshot's conversations stored in `split`, sorted."""
+    if split not in SPLITS:
+        raise ValidationError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+    return sorted(c for c in snap.conversations if snap.splits[c] == split)
 
 
 # ---- summaries ---------------------------------------------------------------------------
@@ -141,10 +139,6 @@ class SFTDataOptions:
     """Feedback that can select a reply: thumb (more ups than downs), likert, comparison (won)."""
     likert_threshold: float = 4.0
     """A reply whose mean Likert score (all raters and criteria) reaches this is good."""
-    heldout_fraction: float = 0.2
-    """Share of conversations held out for evaluation."""
-    seed: int = 0
-    """Seed of the train / held-out split."""
     extra_jsonl: str = ""
     """Optional JSONL of extra training rows: {"messages": [...]} or {"prompt", "completion"}."""
 
@@ -156,7 +150,8 @@ class SFTDataOptions:
 
 @dataclass
 class SFTData:
-    """Prompt-completion rows for SFT, with the message ids behind them."""
+    """Prompt-completion rows for SFT (train split; `heldout`: the validation split, for
+    checkpoint choice), with the message ids behind them."""
 
     train: list[dict[str, Chat]]
     heldout: list[dict[str, Chat]]
@@ -201,9 +196,6 @@ def build_sft_data(snap: Snapshot, options: SFTDataOptions) -> SFTData:
     """Replies rated well by an enabled signal (and badly by none), with their context."""
     summary = Summary("SFT")
     verdicts = _verdicts(snap, options.likert_threshold)
-    _, heldout_convs = split_conversations(
-        snap.conversations.keys(), options.heldout_fraction, options.seed
-    )
     rows: dict[str, list[dict[str, Chat]]] = {"train": [], "heldout": []}
     ids: dict[str, list[int]] = {"train": [], "heldout": []}
     for mid, msg in snap.messages.items():
@@ -219,10 +211,13 @@ def build_sft_data(snap: Snapshot, options: SFTDataOptions) -> SFTData:
             else "context does not end with a user turn" if not context or context[-1]["role"] != "user"
             else ""
         )  # fmt: skip
+        stored = snap.split_of(msg.conversation_id)
+        if not reason and stored not in ("train", "validation"):
+            reason = f"in the {stored} split (no SFT row)"
         if reason:
             summary.dropped[reason] += 1
             continue
-        split = "heldout" if msg.conversation_id in heldout_convs else "train"
+        split = "heldout" if stored == "validation" else "train"
         completion = [{"role": "assistant", "content": msg.content}]
         rows[split].append({"prompt": context, "completion": completion})
         ids[split].append(mid)
@@ -236,7 +231,12 @@ def build_sft_data(snap: Snapshot, options: SFTDataOptions) -> SFTData:
         {snap.messages[i].conversation_id for i in ids["train"]}
     )
     return SFTData(
-        rows["train"], rows["heldout"], ids["train"], ids["heldout"], sorted(heldout_convs), summary
+        rows["train"],
+        rows["heldout"],
+        ids["train"],
+        ids["heldout"],
+        conversations_in(snap, "validation"),
+        summary,
     )
 
 
@@ -293,12 +293,12 @@ class PreferenceOptions:
     """Margin of a rating-derived pair = margin_scale * (score difference)."""
     comparison_margin: float = 0.0
     """Margin of an explicit comparison (times the share of raters agreeing, net)."""
-    heldout_fraction: float = 0.2
-    """Share of conversations held out for evaluation."""
-    seed: int = 0
-    """Seed of the train / held-out split."""
+    train_split: str = "train"
+    """The stored split whose pairs are learned from: train (the PPO reward model) or judge."""
 
     def __post_init__(self) -> None:
+        if self.train_split not in ("train", "judge"):
+            raise ValidationError(f"train_split: {self.train_split!r} is not one of train, judge")
         for name in ("ties", "both_bad"):
             if getattr(self, name) not in TIE_POLICIES:
                 raise ValidationError(
@@ -322,7 +322,9 @@ class Pair:
 
 @dataclass
 class PreferenceData:
-    """TRL preference rows ({"prompt", "chosen", "rejected", "margin"}) and the pairs behind them."""
+    """TRL preference rows ({"prompt", "chosen", "rejected", "margin"}) and the pairs behind
+    them: `train` from the learned split, `heldout` from validation (early stopping, checkpoint
+    choice), `test` from the test split (the accuracy reported; nothing selects on it)."""
 
     train: list[dict[str, Any]]
     heldout: list[dict[str, Any]]
@@ -330,9 +332,11 @@ class PreferenceData:
     heldout_pairs: list[Pair]
     heldout_conversations: list[int]
     summary: Summary
+    test: list[dict[str, Any]] = field(default_factory=list)
+    test_pairs: list[Pair] = field(default_factory=list)
 
     def data_ids(self) -> dict[str, Any]:
-        pairs = self.train_pairs + self.heldout_pairs
+        pairs = self.train_pairs + self.heldout_pairs + self.test_pairs
         ratings = sorted({i for p in pairs if p.source == "ratings" for i in p.row_ids})
         comparisons = sorted({i for p in pairs if p.source != "ratings" for i in p.row_ids})
         return {
@@ -340,6 +344,7 @@ class PreferenceData:
             "ratings": ratings,
             "pairs": [[p.chosen_id, p.rejected_id] for p in self.train_pairs],
             "heldout_pairs": [[p.chosen_id, p.rejected_id] for p in self.heldout_pairs],
+            "test_pairs": [[p.chosen_id, p.rejected_id] for p in self.test_pairs],
             "heldout_conversations": self.heldout_conversations,
         }
 
@@ -450,31 +455,31 @@ def build_preference_data(snap: Snapshot, options: PreferenceOptions) -> Prefere
     pairs = _comparison_pairs(snap, options, summary) if options.use_comparisons else []
     pairs += _rating_pairs(snap, options, summary) if options.use_ratings else []
     pairs = _dedup(snap, pairs, summary)
-    _, heldout_convs = split_conversations(
-        snap.conversations.keys(), options.heldout_fraction, options.seed
-    )
-    train: list[Pair] = []
-    heldout: list[Pair] = []
+    groups: dict[str, list[Pair]] = {"train": [], "heldout": [], "test": []}
+    role = {options.train_split: "train", "validation": "heldout", "test": "test"}
     for p in pairs:
         context = snap.context(p.chosen_id)
+        stored = snap.split_of(p.conversation_id)
         if not context or context[-1]["role"] != "user":
             summary.dropped[f"{p.source}: context does not end with a user turn"] += 1
-        elif p.conversation_id not in heldout_convs:
-            train.append(p)
-        elif p.source == "tie":
-            summary.dropped["tie: held out (ties are not scored)"] += 1
+        elif stored not in role:
+            summary.dropped[f"{p.source}: in the {stored} split (another stage's data)"] += 1
+        elif p.source == "tie" and role[stored] != "train":
+            summary.dropped[f"tie: in the {stored} split (ties are not scored)"] += 1
         else:
-            heldout.append(p)
-    for name, group in (("train", train), ("heldout", heldout)):
+            groups[role[stored]].append(p)
+    for name, group in groups.items():
         for source, n in Counter(p.source for p in group).items():
             summary.kept[f"{name} {source}"] = n
     return PreferenceData(
-        [to_row(snap, p) for p in train],
-        [to_row(snap, p) for p in heldout],
-        train,
-        heldout,
-        sorted(heldout_convs),
+        [to_row(snap, p) for p in groups["train"]],
+        [to_row(snap, p) for p in groups["heldout"]],
+        groups["train"],
+        groups["heldout"],
+        conversations_in(snap, "validation"),
         summary,
+        test=[to_row(snap, p) for p in groups["test"]],
+        test_pairs=groups["test"],
     )
 
 

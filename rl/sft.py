@@ -56,8 +56,6 @@ class JobConfig:
     """Start from this policy version instead of the deployed one (ignored with base_model)."""
     name: str = ""
     """Name of the model version to register (default: <kind>-run<id>)."""
-    heldout_fraction: float = 0.2
-    """Share of conversations held out for evaluation (split by a hash of the conversation id)."""
     lora: bool = True
     """Train a LoRA adapter (True) or every weight (False; reward model only)."""
     lora_r: int = 16
@@ -95,7 +93,7 @@ class JobConfig:
     device: str = "auto"
     """auto (CUDA when available, bf16), cpu or cuda[:N]."""
     seed: int = 0
-    """Seed of the initialisation, data order and split."""
+    """Seed of the initialisation and data order (the data split is stored per conversation)."""
 
     def __post_init__(self) -> None:
         positive = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps")
@@ -103,8 +101,6 @@ class JobConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.heldout_fraction < 1:
-            raise ConfigError(f"heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.save_steps % self.eval_steps:
@@ -271,8 +267,6 @@ def _train(
     options = SFTDataOptions(
         signals=config.signals,
         likert_threshold=config.likert_threshold,
-        heldout_fraction=config.heldout_fraction,
-        seed=config.seed,
         extra_jsonl=config.extra_jsonl,
     )
     data = build_sft_data(load_snapshot(store, run.data_cutoff), options)
@@ -337,6 +331,6 @@ def check_enough(train: list, heldout: list, needed: int, what: str, purpose: st
         )
     if not heldout:
         raise ValidationError(
-            f"need at least 1 held-out row of {what} to evaluate, found none ({len(train)} for "
-            "training); add conversations or raise heldout_fraction"
+            f"need at least 1 validation row of {what} to evaluate, found none ({len(train)} "
+            "for training); add conversations (each one's split is stored in the `splits` table)"
         )

@@ -6,11 +6,14 @@ import argparse
 import json
 
 from rl import evaluate
+from rl.gate import format_table
 from rlchat.commands import add_job_config_args, job_config, open_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="compare a candidate policy with the deployed one")
+    p = sub.add_parser(
+        "eval", help="judge a candidate policy against the deployed one, with the gate's guards"
+    )
     add_job_config_args(p, "rl.evaluate.Config")
     p.add_argument(
         "--candidate", type=int, help="policy version to evaluate (default: newest candidate)"
@@ -27,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
     config = job_config(args, evaluate.Config, ("candidate", "baseline", "oracle"))
     settings, store = open_store(args)
     _, metrics = evaluate.run_recorded(config, store, settings)
-    print(json.dumps(metrics, indent=2) if args.json else evaluate.format_table(metrics))
+    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
     return 0

@@ -7,11 +7,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from synthetic import fill_synthetic_feedback
 
 from agent.errors import ValidationError
 from agent.store.api import Store
-from agent.store.models import utcnow
+from agent.store.models import Conversation, utcnow
+from agent.store.splits import SplitFractions, assign_splits
 from rl.datasets import (
     PreferenceOptions,
     SFTDataOptions,
@@ -20,20 +22,36 @@ from rl.datasets import (
     load_snapshot,
     rating_scores,
     read_sft_jsonl,
-    split_conversations,
 )
 
+FOUR_WAY = SplitFractions(train=0.4, validation=0.2, judge=0.2, test=0.2)
 
-def test_split_is_deterministic_disjoint_and_stable() -> None:
-    train, heldout = split_conversations(range(1, 501), 0.2, seed=0)
-    assert (train, heldout) == split_conversations(range(1, 501), 0.2, seed=0)
-    assert not train & heldout and len(train | heldout) == 500
-    assert 70 <= len(heldout) <= 130
-    # Stable as the database grows: old conversations keep their side.
-    _, heldout_more = split_conversations(range(1, 1001), 0.2, seed=0)
-    assert heldout_more & set(range(1, 501)) == heldout
-    assert split_conversations(range(1, 501), 0.2, seed=1)[1] != heldout
-    assert len(split_conversations([7, 8], 0.01)[1]) == 1  # always something to evaluate on
+
+def split_all(store: Store, fractions: SplitFractions = FOUR_WAY) -> dict[int, str]:
+    """Store a split for every conversation now, with fractions that suit a small test DB."""
+    with store.reading() as s:
+        ids = list(s.scalars(select(Conversation.id)))
+    return assign_splits(store, ids, fractions)
+
+
+def test_every_dataset_follows_the_stored_split(store: Store) -> None:
+    fill_synthetic_feedback(store, 40, seed=2, replies_per_turn=3)
+    splits = split_all(store)
+    assert set(splits.values()) == {"train", "validation", "judge", "test"}
+    snap = load_snapshot(store, utcnow())
+    conv_of = {m.id: m.conversation_id for m in snap.messages.values()}
+    sft = build_sft_data(snap, SFTDataOptions())
+    assert {splits[conv_of[i]] for i in sft.train_ids} == {"train"}
+    assert {splits[conv_of[i]] for i in sft.heldout_ids} == {"validation"}
+    for train_split in ("train", "judge"):
+        prefs = build_preference_data(snap, PreferenceOptions(train_split=train_split))
+        for group, want in (
+            (prefs.train_pairs, train_split),
+            (prefs.heldout_pairs, "validation"),
+            (prefs.test_pairs, "test"),
+        ):
+            assert group and {splits[p.conversation_id] for p in group} == {want}
+        assert any("another stage's data" in reason for reason in prefs.summary.dropped)
 
 
 def test_sft_rows_are_well_rated_replies_with_their_context(store: Store) -> None:
@@ -52,10 +70,11 @@ def test_sft_rows_are_well_rated_replies_with_their_context(store: Store) -> Non
 
 def test_no_heldout_conversation_in_training_data(store: Store) -> None:
     fill_synthetic_feedback(store, 30, seed=2, replies_per_turn=3)
+    split_all(store)
     snap = load_snapshot(store, utcnow())
     conv_of = {m.id: m.conversation_id for m in snap.messages.values()}
-    sft = build_sft_data(snap, SFTDataOptions(heldout_fraction=0.3))
-    prefs = build_preference_data(snap, PreferenceOptions(heldout_fraction=0.3))
+    sft = build_sft_data(snap, SFTDataOptions())
+    prefs = build_preference_data(snap, PreferenceOptions())
     for heldout_convs, train_ids, heldout_ids in (
         (sft.heldout_conversations, sft.train_ids, sft.heldout_ids),
         (
@@ -73,7 +92,7 @@ def test_preference_pairs_follow_the_raters_and_are_deduplicated(store: Store) -
     info = fill_synthetic_feedback(store, 20, seed=3, replies_per_turn=3)
     snap = load_snapshot(store, utcnow())
     data = build_preference_data(snap, PreferenceOptions())
-    pairs = data.train_pairs + data.heldout_pairs
+    pairs = data.train_pairs + data.heldout_pairs + data.test_pairs
     assert {p.chosen_id for p in pairs} <= set(info["good"])
     assert {p.rejected_id for p in pairs} <= set(info["bad"])
     keys = [frozenset((p.chosen_id, p.rejected_id)) for p in pairs]
@@ -91,7 +110,7 @@ def test_rating_derived_pairs_get_margins_from_the_score_gap(store: Store) -> No
     snap = load_snapshot(store, utcnow())
     options = PreferenceOptions(use_comparisons=False, margin_scale=0.5)
     data = build_preference_data(snap, options)
-    pairs = data.train_pairs + data.heldout_pairs
+    pairs = data.train_pairs + data.heldout_pairs + data.test_pairs
     assert pairs and all(p.source == "ratings" for p in pairs)
     assert {p.chosen_id for p in pairs} <= set(info["good"])
     scores = rating_scores(snap, options)
