@@ -1,7 +1,7 @@
 """Training data from the feedback log: a snapshot of the DB, split by conversation.
 
     snap = load_snapshot(store, cutoff=run.data_cutoff)
-    sft = build_sft_data(snap, SFTDataOptions(likert_threshold=4))        # rated-well replies
+    sft = build_sft_data(snap, SFTDataOptions(min_score=0.5))          # rated-well replies
     prefs = build_preference_data(snap, PreferenceOptions(ties="drop"))   # chosen / rejected
     log.info("%s", prefs.summary.format())
 
@@ -137,8 +137,10 @@ class SFTDataOptions:
 
     signals: list[str] = field(default_factory=lambda: list(SFT_SIGNALS))
     """Feedback that can select a reply: thumb (more ups than downs), likert, comparison (won)."""
-    likert_threshold: float = 4.0
-    """A reply whose mean Likert score (all raters and criteria) reaches this is good."""
+    min_score: float = 0.5
+    """A reply whose mean rater-normalised thumb or Likert score (z units, the same scores the
+    preference pairs use) reaches this is good; below it a Likert score, and below 0 a thumb
+    score, counts against the reply."""
     extra_jsonl: str = ""
     """Optional JSONL of extra training rows: {"messages": [...]} or {"prompt", "completion"}."""
 
@@ -168,34 +170,43 @@ class SFTData:
         }
 
 
-def _verdicts(snap: Snapshot, threshold: float) -> dict[int, dict[str, int]]:
-    """Per reply and signal: +1 good, -1 bad (signals absent are left out)."""
-    thumbs: dict[int, list[float]] = defaultdict(list)
-    likerts: dict[int, list[float]] = defaultdict(list)
-    for r in snap.ratings:
-        (thumbs if r.kind == "thumb" else likerts)[r.message_id].append(r.value)
-    wins: Counter[int] = Counter()
-    for c in snap.comparisons:
-        if c.choice in ("a", "b"):
-            winner, loser = (c.message_a_id, c.message_b_id)[:: 1 if c.choice == "a" else -1]
-            wins[winner] += 1
-            wins[loser] -= 1
+def _verdicts(snap: Snapshot, min_score: float) -> dict[int, dict[str, int]]:
+    """Per reply and signal: +1 good, -1 bad (signals absent are left out).
+
+    Thumbs and Likert ratings in the same rater-normalised unit as the preference pairs
+    (`rating_scores`); comparisons one vote per rater and pair; a "both bad" verdict marks
+    both replies bad, so neither is ever imitated.
+    """
+    options = PreferenceOptions()
     verdicts: dict[int, dict[str, int]] = defaultdict(dict)
-    for mid, values in thumbs.items():
-        if sum(values):
-            verdicts[mid]["thumb"] = 1 if sum(values) > 0 else -1
-    for mid, values in likerts.items():
-        verdicts[mid]["likert"] = 1 if sum(values) / len(values) >= threshold else -1
+    for kind in ("thumb", "likert"):
+        for mid, (score, _) in rating_scores(snap, options, (kind,)).items():
+            if score >= min_score:
+                verdicts[mid][kind] = 1
+            elif score < 0 or kind == "likert":
+                verdicts[mid][kind] = -1
+    wins: Counter[int] = Counter()
+    both_bad: set[int] = set()
+    for (lo, hi), by_rater in comparison_votes(snap).items():
+        for _, choice in by_rater.values():
+            if choice in ("a", "b"):
+                winner, loser = (lo, hi) if choice == "a" else (hi, lo)
+                wins[winner] += 1
+                wins[loser] -= 1
+            elif choice == "both_bad":
+                both_bad |= {lo, hi}
     for mid, net in wins.items():
         if net:
             verdicts[mid]["comparison"] = 1 if net > 0 else -1
+    for mid in both_bad:
+        verdicts[mid]["comparison"] = -1
     return verdicts
 
 
 def build_sft_data(snap: Snapshot, options: SFTDataOptions) -> SFTData:
     """Replies rated well by an enabled signal (and badly by none), with their context."""
     summary = Summary("SFT")
-    verdicts = _verdicts(snap, options.likert_threshold)
+    verdicts = _verdicts(snap, options.min_score)
     rows: dict[str, list[dict[str, Chat]]] = {"train": [], "heldout": []}
     ids: dict[str, list[int]] = {"train": [], "heldout": []}
     for mid, msg in snap.messages.items():
@@ -290,7 +301,9 @@ class PreferenceOptions:
     min_rating_gap: float = 0.5
     """Smallest difference of mean scores that makes a rating-derived pair."""
     margin_scale: float = 1.0
-    """Margin of a rating-derived pair = margin_scale * (score difference)."""
+    """Margin of a rating-derived pair = margin_scale * min(score difference, max_gap)."""
+    max_gap: float = 2.0
+    """Score differences (z units) above this count as this much: margins stay bounded."""
     comparison_margin: float = 0.0
     """Margin of an explicit comparison (times the share of raters agreeing, net)."""
     train_split: str = "train"
@@ -354,35 +367,68 @@ def _scaled(r: Rating) -> float:
     return r.value if r.kind == "thumb" else (r.value - 3) / 2
 
 
-def rating_scores(snap: Snapshot, options: PreferenceOptions) -> dict[int, tuple[float, list[int]]]:
-    """Per reply: its mean (optionally rater-normalised) score and the rating ids behind it."""
+def normalised_ratings(
+    snap: Snapshot, normalize: bool = True, min_rater_ratings: int = 3
+) -> dict[int, float]:
+    """Per rating id: its score in one unit for every rater and kind.
+
+    Each rating is first put on [-1, 1] (`_scaled`). With `normalize`, it becomes a z-score
+    against its rater's own ratings of that kind and criterion; a rater with fewer than
+    `min_rater_ratings` of them is z-scored against everyone's ratings of that kind and
+    criterion instead (never left raw beside z-scores).
+    """
     groups: dict[tuple[int, str, str], list[Rating]] = defaultdict(list)
+    pooled: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in snap.ratings:
         groups[(r.rater_id, r.kind, r.criterion)].append(r)
-    per_message: dict[int, list[tuple[float, int]]] = defaultdict(list)
-    for group in groups.values():
+        pooled[(r.kind, r.criterion)].append(_scaled(r))
+    out: dict[int, float] = {}
+    for (_, kind, criterion), group in groups.items():
         values = [_scaled(r) for r in group]
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-        normalise = options.normalize_raters and len(values) >= options.min_rater_ratings
+        reference = values if len(values) >= min_rater_ratings else pooled[(kind, criterion)]
+        mean, std = _mean_std(reference)
         for r, v in zip(group, values, strict=True):
-            score = ((v - mean) / std if std > 1e-6 else 0.0) if normalise else v
-            per_message[r.message_id].append((score, r.id))
+            out[r.id] = ((v - mean) / std if std > 1e-6 else 0.0) if normalize else v
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+def rating_scores(
+    snap: Snapshot, options: PreferenceOptions, kinds: tuple[str, ...] | None = None
+) -> dict[int, tuple[float, list[int]]]:
+    """Per reply: its mean normalised score (`normalised_ratings`) over the ratings of `kinds`
+    (all when None), and the rating ids behind it."""
+    scores = normalised_ratings(snap, options.normalize_raters, options.min_rater_ratings)
+    per_message: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for r in snap.ratings:
+        if kinds is None or r.kind in kinds:
+            per_message[r.message_id].append((scores[r.id], r.id))
     return {
         mid: (sum(s for s, _ in items) / len(items), [i for _, i in items])
         for mid, items in per_message.items()
     }
 
 
-def _comparison_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summary) -> list[Pair]:
-    votes: dict[tuple[int, int], list[tuple[int, str]]] = defaultdict(list)
-    for c in snap.comparisons:
+def comparison_votes(snap: Snapshot) -> dict[tuple[int, int], dict[int, tuple[int, str]]]:
+    """Per unordered pair of replies (lo id, hi id): each rater's latest vote, as
+    (comparison id, choice) with "a" meaning `lo` won, whichever order the pair was shown in."""
+    votes: dict[tuple[int, int], dict[int, tuple[int, str]]] = defaultdict(dict)
+    for c in sorted(snap.comparisons, key=lambda c: c.id):
         lo, hi = sorted((c.message_a_id, c.message_b_id))
         flipped = c.message_a_id != lo
         choice = {"a": "b", "b": "a"}.get(c.choice, c.choice) if flipped else c.choice
-        votes[(lo, hi)].append((c.id, choice))  # "a" now means `lo` won
+        votes[(lo, hi)][c.rater_id] = (c.id, choice)  # a later vote replaces the rater's earlier
+    return votes
+
+
+def _comparison_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summary) -> list[Pair]:
     pairs = []
-    for (lo, hi), vs in votes.items():
+    for (lo, hi), by_rater in comparison_votes(snap).items():
+        vs = list(by_rater.values())
         count = Counter(choice for _, choice in vs)
         ids = [i for i, _ in vs]
         conv = snap.messages[lo].conversation_id
@@ -420,9 +466,8 @@ def _rating_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summary) 
                 chosen, rejected = (x, y) if gap > 0 else (y, x)
                 conv = snap.messages[x].conversation_id
                 ids = scores[x][1] + scores[y][1]
-                pairs.append(
-                    Pair(conv, chosen, rejected, options.margin_scale * abs(gap), "ratings", ids)
-                )
+                margin = options.margin_scale * min(abs(gap), options.max_gap)
+                pairs.append(Pair(conv, chosen, rejected, margin, "ratings", ids))
     return pairs
 
 

@@ -116,9 +116,10 @@ class Config(JobConfig):
     """`rlchat train sft`: which replies to imitate and how to train the adapter."""
 
     signals: list[str] = field(default_factory=lambda: ["thumb", "likert", "comparison"])
-    """Feedback that selects a reply: thumb (net up), likert (mean >= threshold), comparison (net wins)."""
-    likert_threshold: float = 4.0
-    """Mean Likert score (1..5, over raters and criteria) a reply needs to be imitated."""
+    """Feedback that selects a reply: thumb, likert (normalised score >= min_score), comparison (net wins)."""
+    min_score: float = 0.5
+    """Mean rater-normalised rating (z units, as the reward model's pairs) a reply needs to be
+    imitated (rl.datasets.SFTDataOptions.min_score)."""
     extra_jsonl: str = ""
     """Optional JSONL of extra training rows ({"messages": [...]} or {"prompt", "completion"})."""
     min_examples: int = 8
@@ -266,7 +267,7 @@ def _train(
 
     options = SFTDataOptions(
         signals=config.signals,
-        likert_threshold=config.likert_threshold,
+        min_score=config.min_score,
         extra_jsonl=config.extra_jsonl,
     )
     data = build_sft_data(load_snapshot(store, run.data_cutoff), options)

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 from synthetic import fill_synthetic_feedback
@@ -20,6 +21,7 @@ from rl.datasets import (
     build_preference_data,
     build_sft_data,
     load_snapshot,
+    normalised_ratings,
     rating_scores,
     read_sft_jsonl,
 )
@@ -184,3 +186,77 @@ def test_bad_extra_jsonl_names_the_line(tmp_path: Path) -> None:
         read_sft_jsonl(path)
     with pytest.raises(ValidationError, match="does not exist"):
         read_sft_jsonl(tmp_path / "missing.jsonl")
+
+
+# ---- feedback in one unit ----------------------------------------------------------------
+
+
+def _siblings(store: Store, n: int = 2) -> tuple[int, list[int]]:
+    user = store.get_or_create_user("someone").id
+    conv = store.create_conversation(user, "")
+    ask = store.append_message(conv, "user", "hi")
+    replies = [store.append_message(conv, "assistant", f"reply {i}", ask) for i in range(n)]
+    train_only = SplitFractions(train=1, validation=0, judge=0, test=0)
+    assign_splits(store, [conv], train_only)
+    return conv, replies
+
+
+def test_a_both_bad_reply_is_never_an_sft_target(store: Store) -> None:
+    _, (x, y) = _siblings(store)
+    fan = store.get_or_create_user("fan", "annotator").id
+    critic = store.get_or_create_user("critic", "annotator").id
+    store.set_rating(x, fan, "thumb", 1)
+    store.set_rating(y, fan, "thumb", -1)
+    store.add_comparison(critic, x, y, "both_bad")
+    data = build_sft_data(load_snapshot(store, utcnow()), SFTDataOptions())
+    assert x not in data.train_ids
+    assert data.summary.dropped["conflicting feedback"] == 1
+
+
+def test_a_raters_vote_counts_once_whichever_order_the_pair_was_shown(store: Store) -> None:
+    _, (x, y) = _siblings(store)
+    twice = store.get_or_create_user("twice", "annotator").id
+    other = store.get_or_create_user("other", "annotator").id
+    store.add_comparison(twice, x, y, "a")  # x wins...
+    store.add_comparison(twice, y, x, "b")  # ...and x wins again, shown the other way round
+    store.add_comparison(other, x, y, "b")  # y wins
+    snap = load_snapshot(store, utcnow())
+    data = build_preference_data(snap, PreferenceOptions(use_ratings=False))
+    assert not data.train_pairs  # one vote each: the raters disagree
+    assert data.summary.dropped["comparison: raters disagree"] == 1
+    assert x not in build_sft_data(snap, SFTDataOptions()).train_ids
+
+
+def test_sft_and_preferences_read_ratings_in_the_same_normalised_unit(store: Store) -> None:
+    """A rater who gives every reply 5 says nothing about which is better: not to the reward
+    model (z-scores), and now not to SFT either (it used the raw mean >= 4)."""
+    _, replies = _siblings(store, 4)
+    generous = store.get_or_create_user("generous", "annotator").id
+    for mid in replies:
+        store.set_rating(mid, generous, "likert", 5, criterion="helpfulness")
+    snap = load_snapshot(store, utcnow())
+    assert build_sft_data(snap, SFTDataOptions()).train_ids == []
+    assert {s for s, _ in rating_scores(snap, PreferenceOptions()).values()} == {0.0}
+
+
+def test_thumbs_of_a_rater_with_few_thumbs_are_normalised_too(store: Store) -> None:
+    _, replies = _siblings(store, 4)
+    busy = store.get_or_create_user("busy", "annotator").id
+    rare = store.get_or_create_user("rare", "annotator").id
+    for mid, value in zip(replies, (1, 1, 1, -1), strict=True):
+        store.set_rating(mid, busy, "thumb", value)
+    store.set_rating(replies[0], rare, "thumb", 1)  # one thumb: below min_rater_ratings
+    scores = normalised_ratings(load_snapshot(store, utcnow()))
+    rare_score = next(v for r, v in scores.items() if store.ratings(rater_id=rare)[0].id == r)
+    assert rare_score != 1.0  # not raw +1 beside z-scores
+    assert rare_score == pytest.approx((1 - 0.6) / np.std([1, 1, 1, -1, 1]))
+
+
+def test_rating_margins_are_bounded(store: Store) -> None:
+    _, replies = _siblings(store, 3)
+    rater = store.get_or_create_user("r", "annotator").id
+    for mid, value in zip(replies, (5, 1, 1), strict=True):
+        store.set_rating(mid, rater, "likert", value, criterion="helpfulness")
+    options = PreferenceOptions(use_comparisons=False, margin_scale=1.0, max_gap=1.0)
+    data = build_preference_data(load_snapshot(store, utcnow()), options)
+    assert data.train_pairs and max(p.margin for p in data.train_pairs) == 1.0
