@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import select
 
 from agent.errors import ValidationError
-from agent.store.api import Store
+from agent.store.api import SOURCES, Store
 from agent.store.models import Comparison, Conversation, Message, Rating
 from agent.store.splits import SPLITS, SplitFractions, assign_splits
 
@@ -71,12 +71,22 @@ class Snapshot:
 
 
 def load_snapshot(
-    store: Store, cutoff: datetime, fractions: SplitFractions | None = None
+    store: Store,
+    cutoff: datetime,
+    fractions: SplitFractions | None = None,
+    sources: list[str] | None = None,
 ) -> Snapshot:
-    """Conversations, messages, ratings and comparisons created at or before `cutoff`, with
-    each conversation's stored split (drawn with `fractions` and stored for new ones)."""
+    """Conversations (of `sources` only, when given), messages, ratings and comparisons created
+    at or before `cutoff`, with each conversation's stored split (drawn with `fractions` and
+    stored for new ones)."""
+    query = select(Conversation).where(Conversation.created_at <= cutoff)
+    if sources:
+        unknown = sorted(set(sources) - set(SOURCES))
+        if unknown:
+            raise ValidationError(f"sources: {unknown} are not among {', '.join(SOURCES)}")
+        query = query.where(Conversation.source.in_(sources))
     with store.reading() as s:
-        convs = s.scalars(select(Conversation).where(Conversation.created_at <= cutoff))
+        convs = s.scalars(query)
         msgs = s.scalars(select(Message).where(Message.created_at <= cutoff).order_by(Message.id))
         ratings = s.scalars(select(Rating).where(Rating.created_at <= cutoff).order_by(Rating.id))
         comps = s.scalars(
@@ -98,6 +108,46 @@ def load_snapshot(
     ]
     snap.splits = assign_splits(store, snap.conversations.keys(), fractions)
     return snap
+
+
+REAL_SOURCES = ("chat", "arena", "import")
+"""Where real people's conversations come from; "simulated" is the other kind."""
+
+
+def check_sources(snap: Snapshot, sources: list[str]) -> None:
+    """A training job on a database with both real and simulated feedback must choose."""
+    if sources:
+        return
+    found = {c.source for c in snap.conversations.values()}
+    if found & set(REAL_SOURCES) and "simulated" in found:
+        raise ValidationError(
+            f"sources: the database holds both real ({', '.join(sorted(found - {'simulated'}))}) "
+            "and simulated conversations; choose which to train on, e.g. --sources chat,arena "
+            "or --sources simulated (or sources: [...] in the job config)"
+        )
+
+
+def freeze_values(snap: Snapshot, path: Path) -> None:
+    """Make a resumed job train on the values its first start read: the first call writes the
+    ratings' values and the comparisons' choices to `path`; later calls put them back (a rating
+    edited after the cut-off keeps its old value here)."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        ratings, choices = saved["ratings"], saved["comparisons"]
+        snap.ratings = [r for r in snap.ratings if str(r.id) in ratings]
+        snap.comparisons = [c for c in snap.comparisons if str(c.id) in choices]
+        for r in snap.ratings:
+            r.value = ratings[str(r.id)]
+        for c in snap.comparisons:
+            c.choice = choices[str(c.id)]
+        return
+    values = {
+        "ratings": {str(r.id): r.value for r in snap.ratings},
+        "comparisons": {str(c.id): c.choice for c in snap.comparisons},
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values))
+    tmp.replace(path)
 
 
 def conversations_in(snap: Snapshot, split: str) -> list[int]:

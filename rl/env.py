@@ -29,7 +29,7 @@ from agent.errors import NotFoundError, ValidationError
 from agent.store.api import Store
 from agent.store.models import utcnow
 from agent.store.splits import SPLITS, SplitFractions
-from rl.datasets import load_snapshot
+from rl.datasets import check_sources, load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,12 @@ def db_prompts(
     *,
     cutoff: datetime | None = None,
     fractions: SplitFractions | None = None,
+    sources: list[str] | None = None,
 ) -> list[Prompt]:
     """Every user turn logged at or before `cutoff` (default: now) in the conversations of
     `split`, with its context (failed replies left out) and the user turns logged after it.
+    `sources`: None takes every source (evaluation); a list takes those, and an empty list
+    (a training job that chose none) is refused when real and simulated conversations mix.
 
     The split is each conversation's stored one (`agent.store.splits`, drawn with `fractions`
     for conversations that have none yet), the same every job reads. Prompts of a held-out
@@ -112,7 +115,9 @@ def db_prompts(
     conversation and again in a test one would measure memory, not generalisation.
     """
     _check_split(split)
-    snap = load_snapshot(store, cutoff or utcnow(), fractions)
+    snap = load_snapshot(store, cutoff or utcnow(), fractions, sources)
+    if sources is not None:
+        check_sources(snap, sources)
     children: dict[int | None, list[Any]] = {}
     for m in snap.messages.values():
         children.setdefault(m.parent_id, []).append(m)

@@ -62,6 +62,9 @@ class Config:
     """Deploy the PPO result when the gate passes (False: evaluate and record only)."""
     splits: dict[str, float] = field(default_factory=dict)
     """Fractions of agent.store.splits.SplitFractions for conversations with no stored split."""
+    sources: list[str] = field(default_factory=list)
+    """Conversation sources every training stage learns from (chat, arena, simulated, import);
+    empty: all, allowed only when the database does not mix real and simulated feedback."""
 
     def __post_init__(self) -> None:
         self.fractions()
@@ -89,12 +92,15 @@ class Config:
 
 def _links(stage: str, done: dict[str, Any], config: Config) -> dict[str, Any]:
     """Fields that tie a stage to the results before it."""
+    sources = {"sources": config.sources}
+    if stage == "sft":
+        return sources
     if stage == "reward":
-        return {"policy_version_id": done["sft"], "train_split": "train"}
+        return {**sources, "policy_version_id": done["sft"], "train_split": "train"}
     if stage == "judge":
-        return {"policy_version_id": done["sft"], "train_split": "judge"}
+        return {**sources, "policy_version_id": done["sft"], "train_split": "judge"}
     if stage == "ppo":
-        return {"policy": str(done["sft"]), "reward": str(done["reward"])}
+        return {**sources, "policy": str(done["sft"]), "reward": str(done["reward"])}
     if stage == "eval":
         ppo = config.stage_config("ppo", _links("ppo", done, config))
         rollout = {k: getattr(ppo, k) for k in SAMPLING if k not in config.eval}
@@ -104,7 +110,7 @@ def _links(stage: str, done: dict[str, Any], config: Config) -> dict[str, Any]:
             "reward_version": done["reward"],
             "judge_version": done["judge"],
         }
-    return {}
+    raise ValueError(f"no stage {stage!r}")
 
 
 def run_pipeline(

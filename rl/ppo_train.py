@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,9 @@ class Config(PPOConfig):
     -> float; empty: the newest reward model version."""
     prompts: str = "db"
     """Where contexts come from: "db" (user turns logged in the database) or a JSONL file."""
+    sources: list[str] = field(default_factory=list)
+    """Conversation sources whose prompts are used (chat, arena, simulated, import); empty: all,
+    allowed only when the database does not mix real and simulated conversations."""
     max_turns: int = 1
     """Replies per episode; > 1 continues with the logged next user turn when there is one."""
     iterations: int = 100
@@ -134,7 +137,7 @@ def load_reward(spec: str, store: Store, device: torch.device) -> BatchScorer | 
 
 def load_prompts(config: Config, store: Store, split: str, cutoff: Any) -> list[Prompt]:
     if config.prompts == "db":  # the conversation's stored split (agent.store.splits)
-        return db_prompts(store, split, cutoff=cutoff)
+        return db_prompts(store, split, cutoff=cutoff, sources=config.sources)
     return jsonl_prompts(config.prompts, split)
 
 

@@ -35,7 +35,7 @@ from agent.errors import ConfigError
 from agent.modeling import default_dtype, load_tokenizer, pick_device
 from agent.registry import ModelRegistry
 from agent.store.api import Store
-from rl.datasets import PreferenceData, PreferenceOptions, build_preference_data, load_snapshot
+from rl.datasets import PreferenceData, PreferenceOptions, build_preference_data
 from rl.reward_model import RewardModel
 from rl.runs import Run, training_run
 from rl.sft import (
@@ -222,7 +222,7 @@ def _train(
     from datasets import Dataset
     from trl import RewardConfig
 
-    data = build_preference_data(load_snapshot(store, run.data_cutoff), config.data_options())
+    data = build_preference_data(run.snapshot(config.sources), config.data_options())
     log.info("%s", data.summary.format())
     run.record_data({**data.data_ids(), "summary": data.summary.as_dict()})
     check_enough(

@@ -26,7 +26,7 @@ from agent.errors import ConfigError, ValidationError
 from agent.modeling import load_base, pick_device
 from agent.registry import ModelRegistry
 from agent.store.api import Store
-from rl.datasets import SFTDataOptions, build_sft_data, load_snapshot
+from rl.datasets import SFTDataOptions, build_sft_data
 from rl.runs import Run, training_run
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class JobConfig:
     """Start from this policy version instead of the deployed one (ignored with base_model)."""
     name: str = ""
     """Name of the model version to register (default: <kind>-run<id>)."""
+    sources: list[str] = field(default_factory=list)
+    """Conversation sources to learn from (chat, arena, simulated, import); empty: all, allowed
+    only when the database does not mix real and simulated feedback. Recorded on the run."""
     lora: bool = True
     """Train a LoRA adapter (True) or every weight (False; reward model only)."""
     lora_r: int = 16
@@ -270,7 +273,7 @@ def _train(
         min_score=config.min_score,
         extra_jsonl=config.extra_jsonl,
     )
-    data = build_sft_data(load_snapshot(store, run.data_cutoff), options)
+    data = build_sft_data(run.snapshot(config.sources), options)
     log.info("%s", data.summary.format())
     run.record_data({**data.data_ids(), "summary": data.summary.as_dict()})
     check_enough(

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 from synthetic import fill_synthetic_feedback
 
+from agent.config import Settings
 from agent.errors import ValidationError
 from agent.store.api import Store
 from agent.store.models import Conversation, utcnow
@@ -20,11 +21,14 @@ from rl.datasets import (
     SFTDataOptions,
     build_preference_data,
     build_sft_data,
+    check_sources,
     load_snapshot,
     normalised_ratings,
     rating_scores,
     read_sft_jsonl,
 )
+from rl.env import db_prompts
+from rl.runs import training_run
 
 FOUR_WAY = SplitFractions(train=0.4, validation=0.2, judge=0.2, test=0.2)
 
@@ -260,3 +264,47 @@ def test_rating_margins_are_bounded(store: Store) -> None:
     options = PreferenceOptions(use_comparisons=False, margin_scale=1.0, max_gap=1.0)
     data = build_preference_data(load_snapshot(store, utcnow()), options)
     assert data.train_pairs and max(p.margin for p in data.train_pairs) == 1.0
+
+
+# ---- provenance --------------------------------------------------------------------------
+
+
+def test_training_on_mixed_real_and_simulated_feedback_requires_choosing(store: Store) -> None:
+    user = store.get_or_create_user("u").id
+    real = store.create_conversation(user, "", source="chat")
+    sim = store.create_conversation(user, "", source="simulated")
+    for conv in (real, sim):
+        store.append_message(conv, "user", f"hello from {conv}")
+    snap = load_snapshot(store, utcnow())
+    with pytest.raises(ValidationError, match="choose which to train on"):
+        check_sources(snap, [])
+    only_sim = load_snapshot(store, utcnow(), sources=["simulated"])
+    assert set(only_sim.conversations) == {sim}
+    check_sources(only_sim, ["simulated"])
+    with pytest.raises(ValidationError, match="choose"):
+        db_prompts(store, None, sources=[])
+    assert [p.conversation_id for p in db_prompts(store, None, sources=["chat"])] == [real]
+    assert len(db_prompts(store, None)) == 2  # evaluation: every source
+    with pytest.raises(ValidationError, match="sources"):
+        load_snapshot(store, utcnow(), sources=["telepathy"])
+
+
+def test_a_resumed_job_reads_the_values_of_its_first_start(
+    store: Store, settings: Settings
+) -> None:
+    _, (x, y) = _siblings(store)
+    rater = store.get_or_create_user("r", "annotator").id
+    store.set_rating(x, rater, "thumb", 1)
+    store.add_comparison(rater, x, y, "a")
+    config = {"sources": []}
+    with training_run(store, settings, "sft", config) as run:
+        first = run.snapshot([])
+    store.update_run(run.id, status="failed")
+    store.set_rating(x, rater, "thumb", -1)  # edited after the cut-off
+    store.add_comparison(rater, x, y, "b")
+    with training_run(store, settings, "sft", config, resume=True) as resumed:
+        assert resumed.id == run.id
+        again = resumed.snapshot([])
+    assert [(r.id, r.value) for r in again.ratings] == [(r.id, r.value) for r in first.ratings]
+    assert [c.choice for c in again.comparisons] == ["a"]
+    assert load_snapshot(store, utcnow()).ratings[0].value == -1  # the live row did change
