@@ -27,6 +27,24 @@ def distinct_n(replies: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def text_overlap(replies: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, 0..100) and mean ROUGE-L F1 (rouge-score, 0..1) of `replies`
+    against one human reference each. Reported beside perplexity, never gated: a chat reply
+    can be good and share no words with the human one."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [
+        scorer.score(ref, hyp)["rougeL"].fmeasure
+        for hyp, ref in zip(replies, references, strict=True)
+    ]
+    return {
+        "bleu": float(sacrebleu.corpus_bleu(replies, [references]).score),
+        "rouge_l": float(np.mean(rouge)) if rouge else 0.0,
+    }
+
+
 def wins(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per item: 1 where a beats b, 0.5 on a tie, 0 where b wins (any shape, elementwise)."""
     return (a > b).astype(float) + 0.5 * (a == b)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -274,6 +274,8 @@ class Observations:
     perplexity: dict[str, float]
     accuracy: dict[str, float]
     """Test-split pairwise accuracy of the judge and of PPO's reward model (NaN: unknown)."""
+    overlap: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per version: BLEU and ROUGE-L of its replies to the human replies' contexts."""
 
 
 def _rm_scores(path: str, contexts: list[Chat], cand: list[str], base: list[str], device: str):  # type: ignore[no-untyped-def]
@@ -302,6 +304,7 @@ def measure(
     sampling = config.sampling()
     out: dict[str, Samples] = {}
     ppl: dict[str, float] = {}
+    overlap: dict[str, dict[str, float]] = {}
     for side in ("candidate", "baseline"):  # one version at a time: they may share a base
         policy = agent.policy(versions[side])
         out[side] = sample_replies(policy, contexts, sampling, config.batch_size, config.seed)
@@ -311,6 +314,8 @@ def measure(
             ref_logprobs = sampled_logprobs(policy, out["candidate"], sampling.temperature)
         if human[0]:
             ppl[side] = human_perplexity(policy, *human)
+            answers = sample_replies(policy, human[0], sampling, config.batch_size, config.seed)
+            overlap[side] = eval_stats.text_overlap(answers.replies, human[1])
     kl = eval_stats.kl_estimates(logprobs, ref_logprobs, reply_masks(out["candidate"]))
     cand, base = out["candidate"].replies, out["baseline"].replies
     scores = {
@@ -333,6 +338,7 @@ def measure(
         scores=scores,
         kl=kl,
         perplexity=ppl,
+        overlap=overlap,
         accuracy={name: _accuracy(store, versions[name]) for name in ("judge", "reward")},
     )
 
@@ -351,6 +357,8 @@ def summarise(obs: Observations, config: Config) -> dict[str, Any]:
         m[f"distinct/2/{side}"] = eval_stats.distinct_n(replies, 2)
         if side in obs.perplexity:
             m[f"human/perplexity/{side}"] = obs.perplexity[side]
+        for name, value in obs.overlap.get(side, {}).items():
+            m[f"human/{name}/{side}"] = value
     for name, acc in obs.accuracy.items():
         m[f"{name}/test_accuracy"] = acc
     for name, s in obs.scores.items():

@@ -57,6 +57,14 @@ def test_length_controlled_win_rate_removes_a_pure_length_preference() -> None:
     assert lc2 > 0.6 and lo2 > 0.5
 
 
+def test_text_overlap_against_human_replies() -> None:
+    refs = ["i love my dog very much", "the weather is nice today"]
+    same = eval_stats.text_overlap(refs, refs)
+    assert same["bleu"] == pytest.approx(100) and same["rouge_l"] == pytest.approx(1)
+    other = eval_stats.text_overlap(["my dog", "no idea"], refs)
+    assert other["bleu"] < 50 and 0 < other["rouge_l"] < 1
+
+
 def test_kl_estimates_are_zero_for_the_same_policy_and_k3_never_negative() -> None:
     logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.3, 1.0]]))
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
@@ -260,6 +268,8 @@ def test_evaluate_end_to_end_measures_a_true_kl_to_the_deployed_policy(
     assert metrics["kl/k3_per_token"] > 0 and metrics["kl/k3_per_reply"] > 0
     assert 0 <= metrics["win_rate/judge_lo"] <= metrics["win_rate/judge"] <= 1
     assert metrics["human/perplexity/candidate"] > 1
+    assert 0 <= metrics["human/bleu/candidate"] <= 100
+    assert 0 <= metrics["human/rouge_l/baseline"] <= 1
     # The deployed policy against itself: exactly no KL, and the same replies.
     same = evaluate.Config(**{**config.__dict__, "candidate": versions["base"]})
     itself = evaluate.evaluate(same, sqlite_store, sqlite_settings, agent)
