@@ -34,6 +34,7 @@ def loop_config() -> pipeline.Config:
     """The documented loop's config (docs/loop.yaml), at test size."""
     return pipeline.Config(
         splits=SPLITS,
+        sources=["simulated"],
         sft={
             "max_steps": 20,
             "learning_rate": 1e-3,
