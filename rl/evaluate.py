@@ -54,7 +54,7 @@ class Config(GateBounds):
     judge_version: int | None = None
     """The judge (default: the newest reward version trained on the judge split)."""
     oracle: str = ""
-    """Hidden-preference oracle to report as well (follow_up, positive, concise, module:function)."""
+    """Hidden-preference oracle to report as well (a name in rl.oracles.BUILTIN, or module:function)."""
     prompts: str = "db"
     """db: user turns of the test split's conversations; or a JSONL file (its test lines)."""
     num_prompts: int = 64
