@@ -62,6 +62,8 @@ class Config:
     """Deploy the PPO result when the gate passes (False: evaluate and record only)."""
     splits: dict[str, float] = field(default_factory=dict)
     """Fractions of agent.store.splits.SplitFractions for conversations with no stored split."""
+    simulate: dict[str, Any] = field(default_factory=dict)
+    """Fields of rl.simulate.Config: each flywheel round's feedback (`--generations N` only)."""
     sources: list[str] = field(default_factory=list)
     """Conversation sources every training stage learns from (chat, arena, simulated, import);
     empty: all, allowed only when the database does not mix real and simulated feedback."""
