@@ -235,8 +235,10 @@ def versions(
     adapter = build_tiny_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
     candidate = registry.add("sft", adapter, parent_id=base)
     accurate = {"test/pairwise_accuracy": 0.9}
+    # Under-trained: fine on the validation pairs it was early-stopped on, chance on test.
+    selected = {"eval/pairwise_accuracy": 0.95, "test/pairwise_accuracy": 0.55}
     reward = registry.add(
-        "reward", _reward_dir(tiny_model_dir, tmp_path / "rm", 1), metrics=accurate
+        "reward", _reward_dir(tiny_model_dir, tmp_path / "rm", 1), metrics=selected
     )
     judge = registry.add(
         "reward",
@@ -264,6 +266,9 @@ def test_evaluate_end_to_end_measures_a_true_kl_to_the_deployed_policy(
     assert metrics["judge_version"] == versions["judge"]
     assert metrics["reward_version"] == versions["reward"]
     assert metrics["prompts"] == 6
+    # The accuracy the gate reads is the test split's, not the one selection saw.
+    assert metrics["reward/test_accuracy"] == 0.55
+    assert "guard reward_accuracy: value 0.55, bound >= 0.6" in metrics["gate"]["reasons"]
     # A random adapter moves the policy: the KL on its own samples is positive, never 0.
     assert metrics["kl/k3_per_token"] > 0 and metrics["kl/k3_per_reply"] > 0
     assert 0 <= metrics["win_rate/judge_lo"] <= metrics["win_rate/judge"] <= 1
