@@ -349,7 +349,7 @@ def measure(
 def summarise(obs: Observations, config: Config) -> dict[str, Any]:
     """Metrics of both versions, the comparisons with intervals, and the gate's decision."""
     n, k = len(obs.prompts), config.samples_per_prompt
-    m: dict[str, Any] = {"prompts": n, "samples_per_prompt": k, **obs.kl}
+    m: dict[str, Any] = {"prompts": n, "samples_per_prompt": k, "oracle": config.oracle, **obs.kl}
     for side, replies in (("candidate", obs.candidate), ("baseline", obs.baseline)):
         m[f"length/words/{side}"] = float(np.mean([len(r.split()) for r in replies]))
         m[f"length/tokens/{side}"] = float(obs.tokens[side].mean())
