@@ -9,6 +9,7 @@ import yaml
 from agent.config import build_dataclass, read_yaml
 from agent.errors import ConfigError
 from rl import flywheel, pipeline
+from rl.gate import format_table
 from rlchat.commands import add_job_config_args, open_store
 
 
@@ -52,4 +53,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = pipeline.run_pipeline(config, settings, store, resume=args.resume)
     print(pipeline.summary_table(result))
+    print(format_table(result["stages"]["eval"]))  # every guard with its value and bound
     return 0
