@@ -278,7 +278,10 @@ class Observations:
     """Per version: BLEU and ROUGE-L of its replies to the human replies' contexts."""
 
 
-def _rm_scores(path: str, contexts: list[Chat], cand: list[str], base: list[str], device: str):  # type: ignore[no-untyped-def]
+def _rm_scores(
+    path: str, contexts: list[Chat], cand: list[str], base: list[str], device: str
+) -> dict[str, np.ndarray]:
+    """A saved reward model's normalised scores of both versions' replies."""
     rm = RewardModel.load(path, device=device)
     return {
         "candidate": rm.score(contexts, cand).numpy(),
