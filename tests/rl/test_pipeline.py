@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from agent.config import Settings
 from agent.errors import ConfigError
+from agent.registry import ModelRegistry
 from agent.store.api import Store
 from rl import flywheel, pipeline
 
@@ -48,3 +52,69 @@ def test_the_flywheel_needs_a_simulate_section(
         )
     rounds = [flywheel.simulate_config(pipeline.Config(simulate={"seed": 3}), g) for g in (1, 2)]
     assert rounds[0].seed != rounds[1].seed
+
+
+@pytest.mark.slow
+def test_two_flywheel_generations_each_gated_against_the_policy_serving_then(
+    sqlite_store: Store, sqlite_settings: Settings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    registry = ModelRegistry(sqlite_store, sqlite_settings)
+    start = registry.add("base", tiny_model_dir)
+    registry.deploy(start)
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": f"tell me about thing number {i}"} for i in range(80)]
+    prompts.write_text("\n".join(json.dumps(line) for line in lines))
+    steps = {"max_steps": 2, "eval_steps": 1, "save_steps": 1, "batch_size": 4, "device": "cpu"}
+    config = pipeline.Config(
+        splits={"train": 0.4, "validation": 0.2, "judge": 0.2, "test": 0.2},
+        sources=["simulated"],
+        simulate={
+            "oracle": "concise",
+            "users": 30,
+            "turns": 1,
+            "replies": 2,
+            "annotators": 2,
+            "overlap": 2,
+            "noise": 0.0,
+            "prompts": str(prompts),
+            "max_new_tokens": 8,
+        },
+        sft={**steps, "min_examples": 1},
+        reward={**steps, "min_pairs": 1, "early_stopping_patience": 0, "max_length": 128},
+        ppo={
+            "iterations": 2,
+            "batch_size": 4,
+            "mini_batch_size": 2,
+            "max_new_tokens": 8,
+            "checkpoint_every": 1,
+            "eval_prompts": 0,
+            "device": "cpu",
+        },
+        eval={
+            "oracle": "concise",
+            "human_replies": 2,
+            "samples_per_prompt": 1,
+            "num_prompts": 8,
+            "bootstrap": 100,
+            "device": "cpu",
+        },
+    )
+    result = flywheel.run_flywheel(config, sqlite_settings, sqlite_store, 2)
+    first, second = result["generations"]
+    assert first["serving_before"] == start
+    assert second["serving_before"] == first["serving_after"]  # the next round goes on from it
+    for row in (first, second):
+        deployed = row["verdict"] == "deploy"
+        assert row["serving_after"] == (row["candidate"] if deployed else row["serving_before"])
+        assert deployed == (not row["reasons"])
+        assert row["feedback"]["conversations"] == 30
+        assert "win_rate/oracle_lo" in row and "win_rate/judge_lo" in row
+        ev = sqlite_store.get_run(row["eval_run"]).metrics
+        assert ev["baseline"] == row["serving_before"] and ev["candidate"] == row["candidate"]
+    (run,) = sqlite_store.list_runs("flywheel")
+    assert run.status == "succeeded" and len(run.metrics["generations"]) == 2
+    assert len(sqlite_store.list_runs("pipeline")) == 2
+    table = flywheel.summary_table(result).splitlines()
+    rows = [line for line in table[1:] if not line.strip().startswith("refused:")]
+    assert [line.split()[3] for line in rows] == [first["verdict"], second["verdict"]]
+    assert len(table) == 3 + len(first["reasons"]) + len(second["reasons"])
