@@ -281,3 +281,22 @@ def test_evaluate_end_to_end_measures_a_true_kl_to_the_deployed_policy(
     assert itself["kl/k1_per_token"] == 0 and itself["kl/k3_per_token"] == 0
     assert itself["samples"][0]["candidate"] == itself["samples"][0]["baseline"]
     assert not itself["gate"]["deploy"]  # no better than itself: the interval says so
+
+
+def test_rlchat_eval_prints_win_rate_interval_lc_kl_guards_and_verdict(
+    sqlite_settings: Settings, versions: dict[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rlchat.cli import main as cli
+
+    args = ["--data-dir", str(sqlite_settings.data_dir), "eval", "--oracle", "concise"]
+    args += ["--judge", str(versions["judge"])]
+    for field in ("max_new_tokens=8", "human_replies=2", "bootstrap=200", "device=cpu"):
+        args += ["--set", field]
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert "win-rate (judge)" in out and "95% CI [" in out
+    assert "win-rate (judge, length-controlled)" in out
+    assert "KL(candidate || deployed)" in out and "nats/token" in out
+    for name in ("judge_accuracy", "reward_accuracy", "perplexity_rise", "kl_per_token"):
+        assert f"guard {name}" in out
+    assert "verdict: REFUSE: guard reward_accuracy: value 0.55, bound >= 0.6" in out
