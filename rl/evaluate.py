@@ -291,9 +291,8 @@ def _rm_scores(
 
 def _accuracy(store: Store, version_id: int) -> float:
     """A reward version's test-split accuracy (NaN when it has none: nothing to trust)."""
-    return float(
-        store.get_model_version(version_id).metrics.get("test/pairwise_accuracy", math.nan)
-    )
+    value = store.get_model_version(version_id).metrics.get("test/pairwise_accuracy")
+    return math.nan if value is None else float(value)
 
 
 def measure(
