@@ -127,9 +127,11 @@ def test_the_gate_deploys_only_a_candidate_that_passed_every_guard(loop: dict[st
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="not met yet on the tiny starter: with an honest gate the loop's candidate is refused "
-    "(measured 2026-11-23: oracle 0.173 -> 0.179, judge win-rate 0.35 [0.25, 0.45], human "
-    "perplexity +34%; with kl_coef 0.05 the oracle fell 0.157 -> 0.116 and replies collapsed). "
+    reason="not met yet on the tiny starter: with an honest gate the loop's candidate is refused. "
+    "Measured 2026-11-23 with this config (kl_coef 0.05): reward model test accuracy 0.48, "
+    "oracle 0.157 -> 0.116, judge win-rate 0.47 [0.37, 0.59], 9.6 -> 3.9 words per reply, "
+    "human perplexity x2.4; with kl_coef 0.2 and 300 users the oracle stayed flat and the "
+    "judge preferred the start (0.35 [0.25, 0.45]). "
     "See docs/LOOP.md. Strict: when the loop starts passing, this marker must go.",
 )
 def test_feedback_makes_the_deployed_policy_better_under_the_oracle(
