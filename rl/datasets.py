@@ -1,22 +1,22 @@
 """Training data from the feedback log: a snapshot of the DB, split by conversation.
 
     snap = load_snapshot(store, cutoff=run.data_cutoff)
-    sft = build_sft_data(snap, SFTDataOptions(likert_threshold=4))        # rated-well replies
+    sft = build_sft_data(snap, SFTDataOptions(min_score=0.5))          # rated-well replies
     prefs = build_preference_data(snap, PreferenceOptions(ties="drop"))   # chosen / rejected
     log.info("%s", prefs.summary.format())
 
 Everything reads one snapshot: the rows created at or before a cut-off time, so a job (and its
-resumption) trains on exactly the data it started with. Train and held-out are split **by
-conversation** with a hash of the conversation id (`is_heldout`): deterministic, stable as the
-database grows, and no held-out conversation ever contributes a training row. Rows come out
-in TRL's conversational formats: SFT as prompt-completion ({"prompt": [...messages],
-"completion": [{"role": "assistant", ...}]}, so the loss falls on the rated reply only),
-preferences as {"prompt": [...], "chosen": [...], "rejected": [...], "margin": float}.
+resumption) trains on exactly the data it started with. Rows are split **by conversation**
+with the split stored in the database (`agent.store.splits`: train / validation / judge /
+test, decided once per conversation), so every stage sees the same split and no held-out
+conversation ever contributes a training row. Rows come out in TRL's conversational formats:
+SFT as prompt-completion ({"prompt": [...messages], "completion": [{"role": "assistant", ...}]},
+so the loss falls on the rated reply only), preferences as {"prompt": [...], "chosen": [...],
+"rejected": [...], "margin": float}.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
@@ -28,8 +28,9 @@ from typing import Any
 from sqlalchemy import select
 
 from agent.errors import ValidationError
-from agent.store.api import Store
+from agent.store.api import SOURCES, Store
 from agent.store.models import Comparison, Conversation, Message, Rating
+from agent.store.splits import SPLITS, SplitFractions, assign_splits
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,12 @@ class Snapshot:
     messages: dict[int, Message]
     ratings: list[Rating]
     comparisons: list[Comparison]
+    splits: dict[int, str] = field(default_factory=dict)
+    """Each conversation's stored split (train / validation / judge / test)."""
+
+    def split_of(self, conversation_id: int) -> str:
+        """The stored split of a conversation of the snapshot."""
+        return self.splits[conversation_id]
 
     def context(self, message_id: int) -> Chat:
         """The chat before `message_id`: system prompt, then its branch (failed replies left out)."""
@@ -63,10 +70,23 @@ class Snapshot:
         return chat + [{"role": m.role, "content": m.content} for m in chain[::-1] if not m.error]
 
 
-def load_snapshot(store: Store, cutoff: datetime) -> Snapshot:
-    """Conversations, messages, ratings and comparisons created at or before `cutoff`."""
+def load_snapshot(
+    store: Store,
+    cutoff: datetime,
+    fractions: SplitFractions | None = None,
+    sources: list[str] | None = None,
+) -> Snapshot:
+    """Conversations (of `sources` only, when given), messages, ratings and comparisons created
+    at or before `cutoff`, with each conversation's stored split (drawn with `fractions` and
+    stored for new ones)."""
+    query = select(Conversation).where(Conversation.created_at <= cutoff)
+    if sources:
+        unknown = sorted(set(sources) - set(SOURCES))
+        if unknown:
+            raise ValidationError(f"sources: {unknown} are not among {', '.join(SOURCES)}")
+        query = query.where(Conversation.source.in_(sources))
     with store.reading() as s:
-        convs = s.scalars(select(Conversation).where(Conversation.created_at <= cutoff))
+        convs = s.scalars(query)
         msgs = s.scalars(select(Message).where(Message.created_at <= cutoff).order_by(Message.id))
         ratings = s.scalars(select(Rating).where(Rating.created_at <= cutoff).order_by(Rating.id))
         comps = s.scalars(
@@ -86,27 +106,55 @@ def load_snapshot(store: Store, cutoff: datetime) -> Snapshot:
     snap.comparisons = [
         c for c in snap.comparisons if {c.message_a_id, c.message_b_id} <= snap.messages.keys()
     ]
+    snap.splits = assign_splits(store, snap.conversations.keys(), fractions)
     return snap
 
 
-def is_heldout(conversation_id: int, fraction: float, seed: int = 0) -> bool:
-    """Whether a conversation is held out: a hash of (seed, id), the same in every job."""
-    digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+REAL_SOURCES = ("chat", "arena", "import")
+"""Where real people's conversations come from; "simulated" is the other kind."""
 
 
-def split_conversations(
-    conversation_ids: set[int] | list[int], fraction: float, seed: int = 0
-) -> tuple[set[int], set[int]]:
-    """(train, held-out) ids by `is_heldout`; at least one held out when there are two or more."""
-    if not 0 <= fraction < 1:
-        raise ValidationError(f"heldout_fraction: must be in [0, 1), got {fraction}")
-    ids = set(conversation_ids)
-    heldout = {c for c in ids if is_heldout(c, fraction, seed)}
-    if fraction > 0 and not heldout and len(ids) >= 2:
-        key = lambda c: hashlib.sha256(f"{seed}:{c}".encode()).digest()  # noqa: E731
-        heldout = {min(ids, key=key)}
-    return ids - heldout, heldout
+def check_sources(snap: Snapshot, sources: list[str]) -> None:
+    """A training job on a database with both real and simulated feedback must choose."""
+    if sources:
+        return
+    found = {c.source for c in snap.conversations.values()}
+    if found & set(REAL_SOURCES) and "simulated" in found:
+        raise ValidationError(
+            f"sources: the database holds both real ({', '.join(sorted(found - {'simulated'}))}) "
+            "and simulated conversations; choose which to train on, e.g. --sources chat,arena "
+            "or --sources simulated (or sources: [...] in the job config)"
+        )
+
+
+def freeze_values(snap: Snapshot, path: Path) -> None:
+    """Make a resumed job train on the values its first start read: the first call writes the
+    ratings' values and the comparisons' choices to `path`; later calls put them back (a rating
+    edited after the cut-off keeps its old value here)."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        ratings, choices = saved["ratings"], saved["comparisons"]
+        snap.ratings = [r for r in snap.ratings if str(r.id) in ratings]
+        snap.comparisons = [c for c in snap.comparisons if str(c.id) in choices]
+        for r in snap.ratings:
+            r.value = ratings[str(r.id)]
+        for c in snap.comparisons:
+            c.choice = choices[str(c.id)]
+        return
+    values = {
+        "ratings": {str(r.id): r.value for r in snap.ratings},
+        "comparisons": {str(c.id): c.choice for c in snap.comparisons},
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values))
+    tmp.replace(path)
+
+
+def conversations_in(snap: Snapshot, split: str) -> list[int]:
+    """The ids of the snapshot's conversations stored in `split`, sorted."""
+    if split not in SPLITS:
+        raise ValidationError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+    return sorted(c for c in snap.conversations if snap.splits[c] == split)
 
 
 # ---- summaries ---------------------------------------------------------------------------
@@ -139,12 +187,10 @@ class SFTDataOptions:
 
     signals: list[str] = field(default_factory=lambda: list(SFT_SIGNALS))
     """Feedback that can select a reply: thumb (more ups than downs), likert, comparison (won)."""
-    likert_threshold: float = 4.0
-    """A reply whose mean Likert score (all raters and criteria) reaches this is good."""
-    heldout_fraction: float = 0.2
-    """Share of conversations held out for evaluation."""
-    seed: int = 0
-    """Seed of the train / held-out split."""
+    min_score: float = 0.5
+    """A reply whose mean rater-normalised thumb or Likert score (z units, the same scores the
+    preference pairs use) reaches this is good; below it a Likert score, and below 0 a thumb
+    score, counts against the reply."""
     extra_jsonl: str = ""
     """Optional JSONL of extra training rows: {"messages": [...]} or {"prompt", "completion"}."""
 
@@ -156,7 +202,8 @@ class SFTDataOptions:
 
 @dataclass
 class SFTData:
-    """Prompt-completion rows for SFT, with the message ids behind them."""
+    """Prompt-completion rows for SFT (train split; `heldout`: the validation split, for
+    checkpoint choice), with the message ids behind them."""
 
     train: list[dict[str, Chat]]
     heldout: list[dict[str, Chat]]
@@ -173,37 +220,43 @@ class SFTData:
         }
 
 
-def _verdicts(snap: Snapshot, threshold: float) -> dict[int, dict[str, int]]:
-    """Per reply and signal: +1 good, -1 bad (signals absent are left out)."""
-    thumbs: dict[int, list[float]] = defaultdict(list)
-    likerts: dict[int, list[float]] = defaultdict(list)
-    for r in snap.ratings:
-        (thumbs if r.kind == "thumb" else likerts)[r.message_id].append(r.value)
-    wins: Counter[int] = Counter()
-    for c in snap.comparisons:
-        if c.choice in ("a", "b"):
-            winner, loser = (c.message_a_id, c.message_b_id)[:: 1 if c.choice == "a" else -1]
-            wins[winner] += 1
-            wins[loser] -= 1
+def _verdicts(snap: Snapshot, min_score: float) -> dict[int, dict[str, int]]:
+    """Per reply and signal: +1 good, -1 bad (signals absent are left out).
+
+    Thumbs and Likert ratings in the same rater-normalised unit as the preference pairs
+    (`rating_scores`); comparisons one vote per rater and pair; a "both bad" verdict marks
+    both replies bad, so neither is ever imitated.
+    """
+    options = PreferenceOptions()
     verdicts: dict[int, dict[str, int]] = defaultdict(dict)
-    for mid, values in thumbs.items():
-        if sum(values):
-            verdicts[mid]["thumb"] = 1 if sum(values) > 0 else -1
-    for mid, values in likerts.items():
-        verdicts[mid]["likert"] = 1 if sum(values) / len(values) >= threshold else -1
+    for kind in ("thumb", "likert"):
+        for mid, (score, _) in rating_scores(snap, options, (kind,)).items():
+            if score >= min_score:
+                verdicts[mid][kind] = 1
+            elif score < 0 or kind == "likert":
+                verdicts[mid][kind] = -1
+    wins: Counter[int] = Counter()
+    both_bad: set[int] = set()
+    for (lo, hi), by_rater in comparison_votes(snap).items():
+        for _, choice in by_rater.values():
+            if choice in ("a", "b"):
+                winner, loser = (lo, hi) if choice == "a" else (hi, lo)
+                wins[winner] += 1
+                wins[loser] -= 1
+            elif choice == "both_bad":
+                both_bad |= {lo, hi}
     for mid, net in wins.items():
         if net:
             verdicts[mid]["comparison"] = 1 if net > 0 else -1
+    for mid in both_bad:
+        verdicts[mid]["comparison"] = -1
     return verdicts
 
 
 def build_sft_data(snap: Snapshot, options: SFTDataOptions) -> SFTData:
     """Replies rated well by an enabled signal (and badly by none), with their context."""
     summary = Summary("SFT")
-    verdicts = _verdicts(snap, options.likert_threshold)
-    _, heldout_convs = split_conversations(
-        snap.conversations.keys(), options.heldout_fraction, options.seed
-    )
+    verdicts = _verdicts(snap, options.min_score)
     rows: dict[str, list[dict[str, Chat]]] = {"train": [], "heldout": []}
     ids: dict[str, list[int]] = {"train": [], "heldout": []}
     for mid, msg in snap.messages.items():
@@ -219,10 +272,13 @@ def build_sft_data(snap: Snapshot, options: SFTDataOptions) -> SFTData:
             else "context does not end with a user turn" if not context or context[-1]["role"] != "user"
             else ""
         )  # fmt: skip
+        stored = snap.split_of(msg.conversation_id)
+        if not reason and stored not in ("train", "validation"):
+            reason = f"in the {stored} split (no SFT row)"
         if reason:
             summary.dropped[reason] += 1
             continue
-        split = "heldout" if msg.conversation_id in heldout_convs else "train"
+        split = "heldout" if stored == "validation" else "train"
         completion = [{"role": "assistant", "content": msg.content}]
         rows[split].append({"prompt": context, "completion": completion})
         ids[split].append(mid)
@@ -236,7 +292,12 @@ def build_sft_data(snap: Snapshot, options: SFTDataOptions) -> SFTData:
         {snap.messages[i].conversation_id for i in ids["train"]}
     )
     return SFTData(
-        rows["train"], rows["heldout"], ids["train"], ids["heldout"], sorted(heldout_convs), summary
+        rows["train"],
+        rows["heldout"],
+        ids["train"],
+        ids["heldout"],
+        conversations_in(snap, "validation"),
+        summary,
     )
 
 
@@ -290,15 +351,17 @@ class PreferenceOptions:
     min_rating_gap: float = 0.5
     """Smallest difference of mean scores that makes a rating-derived pair."""
     margin_scale: float = 1.0
-    """Margin of a rating-derived pair = margin_scale * (score difference)."""
+    """Margin of a rating-derived pair = margin_scale * min(score difference, max_gap)."""
+    max_gap: float = 2.0
+    """Score differences (z units) above this count as this much: margins stay bounded."""
     comparison_margin: float = 0.0
     """Margin of an explicit comparison (times the share of raters agreeing, net)."""
-    heldout_fraction: float = 0.2
-    """Share of conversations held out for evaluation."""
-    seed: int = 0
-    """Seed of the train / held-out split."""
+    train_split: str = "train"
+    """The stored split whose pairs are learned from: train (the PPO reward model) or judge."""
 
     def __post_init__(self) -> None:
+        if self.train_split not in ("train", "judge"):
+            raise ValidationError(f"train_split: {self.train_split!r} is not one of train, judge")
         for name in ("ties", "both_bad"):
             if getattr(self, name) not in TIE_POLICIES:
                 raise ValidationError(
@@ -322,7 +385,9 @@ class Pair:
 
 @dataclass
 class PreferenceData:
-    """TRL preference rows ({"prompt", "chosen", "rejected", "margin"}) and the pairs behind them."""
+    """TRL preference rows ({"prompt", "chosen", "rejected", "margin"}) and the pairs behind
+    them: `train` from the learned split, `heldout` from validation (early stopping, checkpoint
+    choice), `test` from the test split (the accuracy reported; nothing selects on it)."""
 
     train: list[dict[str, Any]]
     heldout: list[dict[str, Any]]
@@ -330,9 +395,11 @@ class PreferenceData:
     heldout_pairs: list[Pair]
     heldout_conversations: list[int]
     summary: Summary
+    test: list[dict[str, Any]] = field(default_factory=list)
+    test_pairs: list[Pair] = field(default_factory=list)
 
     def data_ids(self) -> dict[str, Any]:
-        pairs = self.train_pairs + self.heldout_pairs
+        pairs = self.train_pairs + self.heldout_pairs + self.test_pairs
         ratings = sorted({i for p in pairs if p.source == "ratings" for i in p.row_ids})
         comparisons = sorted({i for p in pairs if p.source != "ratings" for i in p.row_ids})
         return {
@@ -340,6 +407,7 @@ class PreferenceData:
             "ratings": ratings,
             "pairs": [[p.chosen_id, p.rejected_id] for p in self.train_pairs],
             "heldout_pairs": [[p.chosen_id, p.rejected_id] for p in self.heldout_pairs],
+            "test_pairs": [[p.chosen_id, p.rejected_id] for p in self.test_pairs],
             "heldout_conversations": self.heldout_conversations,
         }
 
@@ -349,35 +417,68 @@ def _scaled(r: Rating) -> float:
     return r.value if r.kind == "thumb" else (r.value - 3) / 2
 
 
-def rating_scores(snap: Snapshot, options: PreferenceOptions) -> dict[int, tuple[float, list[int]]]:
-    """Per reply: its mean (optionally rater-normalised) score and the rating ids behind it."""
+def normalised_ratings(
+    snap: Snapshot, normalize: bool = True, min_rater_ratings: int = 3
+) -> dict[int, float]:
+    """Per rating id: its score in one unit for every rater and kind.
+
+    Each rating is first put on [-1, 1] (`_scaled`). With `normalize`, it becomes a z-score
+    against its rater's own ratings of that kind and criterion; a rater with fewer than
+    `min_rater_ratings` of them is z-scored against everyone's ratings of that kind and
+    criterion instead (never left raw beside z-scores).
+    """
     groups: dict[tuple[int, str, str], list[Rating]] = defaultdict(list)
+    pooled: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in snap.ratings:
         groups[(r.rater_id, r.kind, r.criterion)].append(r)
-    per_message: dict[int, list[tuple[float, int]]] = defaultdict(list)
-    for group in groups.values():
+        pooled[(r.kind, r.criterion)].append(_scaled(r))
+    out: dict[int, float] = {}
+    for (_, kind, criterion), group in groups.items():
         values = [_scaled(r) for r in group]
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-        normalise = options.normalize_raters and len(values) >= options.min_rater_ratings
+        reference = values if len(values) >= min_rater_ratings else pooled[(kind, criterion)]
+        mean, std = _mean_std(reference)
         for r, v in zip(group, values, strict=True):
-            score = ((v - mean) / std if std > 1e-6 else 0.0) if normalise else v
-            per_message[r.message_id].append((score, r.id))
+            out[r.id] = ((v - mean) / std if std > 1e-6 else 0.0) if normalize else v
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+def rating_scores(
+    snap: Snapshot, options: PreferenceOptions, kinds: tuple[str, ...] | None = None
+) -> dict[int, tuple[float, list[int]]]:
+    """Per reply: its mean normalised score (`normalised_ratings`) over the ratings of `kinds`
+    (all when None), and the rating ids behind it."""
+    scores = normalised_ratings(snap, options.normalize_raters, options.min_rater_ratings)
+    per_message: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for r in snap.ratings:
+        if kinds is None or r.kind in kinds:
+            per_message[r.message_id].append((scores[r.id], r.id))
     return {
         mid: (sum(s for s, _ in items) / len(items), [i for _, i in items])
         for mid, items in per_message.items()
     }
 
 
-def _comparison_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summary) -> list[Pair]:
-    votes: dict[tuple[int, int], list[tuple[int, str]]] = defaultdict(list)
-    for c in snap.comparisons:
+def comparison_votes(snap: Snapshot) -> dict[tuple[int, int], dict[int, tuple[int, str]]]:
+    """Per unordered pair of replies (lo id, hi id): each rater's latest vote, as
+    (comparison id, choice) with "a" meaning `lo` won, whichever order the pair was shown in."""
+    votes: dict[tuple[int, int], dict[int, tuple[int, str]]] = defaultdict(dict)
+    for c in sorted(snap.comparisons, key=lambda c: c.id):
         lo, hi = sorted((c.message_a_id, c.message_b_id))
         flipped = c.message_a_id != lo
         choice = {"a": "b", "b": "a"}.get(c.choice, c.choice) if flipped else c.choice
-        votes[(lo, hi)].append((c.id, choice))  # "a" now means `lo` won
+        votes[(lo, hi)][c.rater_id] = (c.id, choice)  # a later vote replaces the rater's earlier
+    return votes
+
+
+def _comparison_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summary) -> list[Pair]:
     pairs = []
-    for (lo, hi), vs in votes.items():
+    for (lo, hi), by_rater in comparison_votes(snap).items():
+        vs = list(by_rater.values())
         count = Counter(choice for _, choice in vs)
         ids = [i for i, _ in vs]
         conv = snap.messages[lo].conversation_id
@@ -415,9 +516,8 @@ def _rating_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summary) 
                 chosen, rejected = (x, y) if gap > 0 else (y, x)
                 conv = snap.messages[x].conversation_id
                 ids = scores[x][1] + scores[y][1]
-                pairs.append(
-                    Pair(conv, chosen, rejected, options.margin_scale * abs(gap), "ratings", ids)
-                )
+                margin = options.margin_scale * min(abs(gap), options.max_gap)
+                pairs.append(Pair(conv, chosen, rejected, margin, "ratings", ids))
     return pairs
 
 
@@ -450,31 +550,31 @@ def build_preference_data(snap: Snapshot, options: PreferenceOptions) -> Prefere
     pairs = _comparison_pairs(snap, options, summary) if options.use_comparisons else []
     pairs += _rating_pairs(snap, options, summary) if options.use_ratings else []
     pairs = _dedup(snap, pairs, summary)
-    _, heldout_convs = split_conversations(
-        snap.conversations.keys(), options.heldout_fraction, options.seed
-    )
-    train: list[Pair] = []
-    heldout: list[Pair] = []
+    groups: dict[str, list[Pair]] = {"train": [], "heldout": [], "test": []}
+    role = {options.train_split: "train", "validation": "heldout", "test": "test"}
     for p in pairs:
         context = snap.context(p.chosen_id)
+        stored = snap.split_of(p.conversation_id)
         if not context or context[-1]["role"] != "user":
             summary.dropped[f"{p.source}: context does not end with a user turn"] += 1
-        elif p.conversation_id not in heldout_convs:
-            train.append(p)
-        elif p.source == "tie":
-            summary.dropped["tie: held out (ties are not scored)"] += 1
+        elif stored not in role:
+            summary.dropped[f"{p.source}: in the {stored} split (another stage's data)"] += 1
+        elif p.source == "tie" and role[stored] != "train":
+            summary.dropped[f"tie: in the {stored} split (ties are not scored)"] += 1
         else:
-            heldout.append(p)
-    for name, group in (("train", train), ("heldout", heldout)):
+            groups[role[stored]].append(p)
+    for name, group in groups.items():
         for source, n in Counter(p.source for p in group).items():
             summary.kept[f"{name} {source}"] = n
     return PreferenceData(
-        [to_row(snap, p) for p in train],
-        [to_row(snap, p) for p in heldout],
-        train,
-        heldout,
-        sorted(heldout_convs),
+        [to_row(snap, p) for p in groups["train"]],
+        [to_row(snap, p) for p in groups["heldout"]],
+        groups["train"],
+        groups["heldout"],
+        conversations_in(snap, "validation"),
         summary,
+        test=[to_row(snap, p) for p in groups["test"]],
+        test_pairs=groups["test"],
     )
 
 

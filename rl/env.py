@@ -28,7 +28,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from agent.errors import NotFoundError, ValidationError
 from agent.store.api import Store
 from agent.store.models import utcnow
-from rl.datasets import is_heldout, load_snapshot
+from agent.store.splits import SPLITS, SplitFractions
+from rl.datasets import check_sources, load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -83,41 +84,60 @@ class Prompt:
 
 
 def _check_split(split: str | None) -> None:
-    if split not in (None, "train", "heldout"):
-        raise ValidationError(f"split: {split!r} is not one of train, heldout (or None for all)")
+    if split is not None and split not in SPLITS:
+        raise ValidationError(
+            f"split: {split!r} is not one of {', '.join(SPLITS)} (or None for all)"
+        )
 
 
-def _in_split(key: int, split: str | None, heldout_fraction: float, seed: int) -> bool:
-    """Whether `key` (a conversation id, or a JSONL line number) falls in `split`."""
-    if split is None:
-        return True
-    return is_heldout(key, heldout_fraction, seed) == (split == "heldout")
+def normalise_prompt(text: str) -> str:
+    """A prompt's text for duplicate detection: lower case, letters and digits, single spaces."""
+    kept = "".join(ch if ch.isalnum() else " " for ch in text.lower())
+    return " ".join(kept.split())
 
 
 def db_prompts(
     store: Store,
     split: str | None = "train",
     *,
-    heldout_fraction: float = 0.1,
-    seed: int = 0,
     cutoff: datetime | None = None,
+    fractions: SplitFractions | None = None,
+    sources: list[str] | None = None,
 ) -> list[Prompt]:
     """Every user turn logged at or before `cutoff` (default: now) in the conversations of
     `split`, with its context (failed replies left out) and the user turns logged after it.
+    `sources`: None takes every source (evaluation); a list takes those, and an empty list
+    (a training job that chose none) is refused when real and simulated conversations mix.
 
-    The split is `rl.datasets.is_heldout`: the same hash of the conversation id as every job.
+    The split is each conversation's stored one (`agent.store.splits`, drawn with `fractions`
+    for conversations that have none yet), the same every job reads. Prompts of a held-out
+    split whose text (normalised) is also a train prompt are left out: "Hey" asked in a train
+    conversation and again in a test one would measure memory, not generalisation.
     """
     _check_split(split)
-    snap = load_snapshot(store, cutoff or utcnow())
+    snap = load_snapshot(store, cutoff or utcnow(), fractions, sources)
+    if sources is not None:
+        check_sources(snap, sources)
     children: dict[int | None, list[Any]] = {}
     for m in snap.messages.values():
         children.setdefault(m.parent_id, []).append(m)
-    prompts = []
-    for m in sorted(snap.messages.values(), key=lambda m: m.id):
-        if m.role != "user" or not _in_split(m.conversation_id, split, heldout_fraction, seed):
+    users = sorted((m for m in snap.messages.values() if m.role == "user"), key=lambda m: m.id)
+    seen = (
+        {normalise_prompt(m.content) for m in users if snap.split_of(m.conversation_id) == "train"}
+        if split not in (None, "train")
+        else set()
+    )
+    prompts, dropped = [], 0
+    for m in users:
+        if split is not None and snap.split_of(m.conversation_id) != split:
+            continue
+        if normalise_prompt(m.content) in seen:
+            dropped += 1
             continue
         context = [*snap.context(m.id), {"role": "user", "content": m.content}]
         prompts.append(Prompt(context, _followups(m, children), m.conversation_id, m.id))
+    if dropped:
+        log.info("%s prompts: left out %d whose text is also a train prompt", split, dropped)
     return prompts
 
 
@@ -134,17 +154,19 @@ def _followups(user_msg: Any, children: dict[int | None, list[Any]]) -> list[str
 
 
 def jsonl_prompts(
-    path: str | Path, split: str | None = None, *, heldout_fraction: float = 0.1, seed: int = 0
+    path: str | Path, split: str | None = None, *, fractions: SplitFractions | None = None
 ) -> list[Prompt]:
     """Prompts from a JSONL file: per line {"messages": [...]} or {"prompt": "text"},
-    optionally with "followups": [...]. With `split`, lines are split by line number."""
+    optionally with "followups": [...]. With `split`, a line's split is drawn from its line
+    number with the same fractions and hash as conversations."""
     _check_split(split)
+    fractions = fractions or SplitFractions()
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"prompts: no JSONL file at {path.resolve()}")
     prompts = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip() or not _in_split(n, split, heldout_fraction, seed):
+        if not line.strip() or (split is not None and fractions.draw(n) != split):
             continue
         try:
             row = json.loads(line)

@@ -4,6 +4,9 @@ The simulation's annotators judge replies by an oracle; the reward model never s
 a policy that scores higher *under the oracle* after SFT -> reward model -> PPO has learned
 what the annotators wanted, not just how to please its own reward model.
 
+`topic` and `feelings` depend on what a reply says, not on punctuation or length: whether it
+picks up what the user talked about, and whether it asks how the user feels.
+
 Any `module:function` with the same signature can be named on the command line.
 """
 
@@ -57,7 +60,53 @@ def concise(context: Chat, reply: str) -> float:
     return max(0.0, min(1.0, (40 - n) / 28))
 
 
-BUILTIN: dict[str, Oracle] = {"follow_up": follow_up, "positive": positive, "concise": concise}
+STOPWORDS = frozenset(
+    "about after again also always because been before being could does doing down each from "
+    "have having here into just like make more most much only other over really some than that "
+    "their them then there these they thing things this those through very want well were what "
+    "when where which while will with would your yours you'll you're i'm it's that's don't "
+    "today yesterday tomorrow lot lots".split()
+)
+FEELINGS = frozenset(
+    "feel feels feeling feelings felt happy sad glad upset excited nervous worried anxious "
+    "afraid scared angry lonely stressed tired proud mood emotions emotional okay ok".split()
+)
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if len(w) >= 4 and w not in STOPWORDS}
+
+
+def topic(context: Chat, reply: str) -> float:
+    """Picks up a topic the user named: the share of the last user turn's content words (4+
+    letters, not stop words) that the reply repeats, counting two as full marks; 0.5 when the
+    user named none (nothing to pick up)."""
+    users = [m["content"] for m in context if m["role"] == "user"]
+    named = _content_words(users[-1]) if users else set()
+    if not reply.strip():
+        return 0.0
+    if not named:
+        return 0.5
+    return min(1.0, len(named & _content_words(reply)) / min(2, len(named)))
+
+
+def feelings(context: Chat, reply: str) -> float:
+    """Asks about the user's feelings: 1 for a question that names a feeling ("How do you feel
+    about it?", "Are you excited?"), 0.5 for naming one without asking, else 0."""
+    sentences = re.split(r"(?<=[.!?])\s+", reply.strip())
+    for sentence in sentences:
+        if sentence.endswith("?") and set(_WORD.findall(sentence.lower())) & FEELINGS:
+            return 1.0
+    return 0.5 if set(_WORD.findall(reply.lower())) & FEELINGS else 0.0
+
+
+BUILTIN: dict[str, Oracle] = {
+    "follow_up": follow_up,
+    "positive": positive,
+    "concise": concise,
+    "topic": topic,
+    "feelings": feelings,
+}
 
 
 def load_oracle(name: str) -> tuple[str, Oracle]:

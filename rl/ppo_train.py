@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,9 @@ class Config(PPOConfig):
     -> float; empty: the newest reward model version."""
     prompts: str = "db"
     """Where contexts come from: "db" (user turns logged in the database) or a JSONL file."""
-    heldout_fraction: float = 0.1
-    """Share of conversations held out from training (used for the final evaluation)."""
-    split_seed: int = 0
-    """Seed of the train / held-out split (the same as the other jobs use)."""
+    sources: list[str] = field(default_factory=list)
+    """Conversation sources whose prompts are used (chat, arena, simulated, import); empty: all,
+    allowed only when the database does not mix real and simulated conversations."""
     max_turns: int = 1
     """Replies per episode; > 1 continues with the logged next user turn when there is one."""
     iterations: int = 100
@@ -137,10 +136,9 @@ def load_reward(spec: str, store: Store, device: torch.device) -> BatchScorer | 
 
 
 def load_prompts(config: Config, store: Store, split: str, cutoff: Any) -> list[Prompt]:
-    kwargs = dict(heldout_fraction=config.heldout_fraction, seed=config.split_seed)
-    if config.prompts == "db":
-        return db_prompts(store, split, cutoff=cutoff, **kwargs)
-    return jsonl_prompts(config.prompts, split, **kwargs)
+    if config.prompts == "db":  # the conversation's stored split (agent.store.splits)
+        return db_prompts(store, split, cutoff=cutoff, sources=config.sources)
+    return jsonl_prompts(config.prompts, split)
 
 
 # ---- checkpoints -------------------------------------------------------------------------
@@ -314,7 +312,7 @@ def _evaluate(
     config: Config, trainer: PPOTrainer, reward: BatchScorer | RewardFn, store: Store, run: Run
 ) -> dict[str, float]:
     """Mean score of the policy's and the reference's replies to held-out contexts."""
-    prompts = load_prompts(config, store, "heldout", run.data_cutoff)[: config.eval_prompts]
+    prompts = load_prompts(config, store, "validation", run.data_cutoff)[: config.eval_prompts]
     if not prompts:
         return {}
     contexts = [p.messages for p in prompts]

@@ -4,9 +4,14 @@ config → snapshot → preference pairs (split by conversation) → `AutoModelF
 with one label, initialised from the policy (base + its adapters merged) or the bare base →
 TRL `RewardTrainer` (Bradley–Terry loss -log σ(r_chosen - r_rejected - margin), plus reward
 centring, https://huggingface.co/papers/2312.09244 Eq. 2) with LoRA or full fine-tuning →
-held-out pairwise accuracy, mean margin and calibration during and after training, early
-stopping on held-out accuracy → a self-contained `reward` model version (LoRA merged, tokenizer,
-`reward_stats.json` with the mean and std of its scores on a reference set).
+pairwise accuracy, mean margin and calibration on the validation split during training (early
+stopping and checkpoint choice), and after training on the test split, which nothing selects
+on (`test/pairwise_accuracy` is the accuracy the gate and the dashboard show) → a
+self-contained `reward` model version (LoRA merged, tokenizer, `reward_stats.json` with the
+mean and std of its scores on a reference set).
+
+`train_split: judge` trains the gate's judge instead: the same model, learned from the judge
+split's pairs, which neither SFT, the PPO reward model nor PPO ever see.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from agent.errors import ConfigError
 from agent.modeling import default_dtype, load_tokenizer, pick_device
 from agent.registry import ModelRegistry
 from agent.store.api import Store
-from rl.datasets import PreferenceData, PreferenceOptions, build_preference_data, load_snapshot
+from rl.datasets import PreferenceData, PreferenceOptions, build_preference_data
 from rl.reward_model import RewardModel
 from rl.runs import Run, training_run
 from rl.sft import (
@@ -55,6 +60,9 @@ class Config(JobConfig):
 
     init_from: str = "policy"
     """policy: the base with the policy's adapters (e.g. SFT) merged in; base: the bare base."""
+    train_split: str = "train"
+    """Stored split whose pairs are learned from: train (PPO's reward model) or judge (the
+    gate's judge)."""
     use_comparisons: bool = True
     """Learn from explicit A/B comparisons."""
     use_ratings: bool = True
@@ -90,6 +98,8 @@ class Config(JobConfig):
         super().__post_init__()
         if self.init_from not in INIT_FROM:
             raise ConfigError(f"init_from: {self.init_from!r} is not one of {', '.join(INIT_FROM)}")
+        if self.train_split not in ("train", "judge"):
+            raise ConfigError(f"train_split: {self.train_split!r} is not one of train, judge")
         if self.reference_size < 2:
             raise ConfigError(f"reference_size: must be >= 2, got {self.reference_size}")
 
@@ -103,8 +113,7 @@ class Config(JobConfig):
             min_rating_gap=self.min_rating_gap,
             margin_scale=self.margin_scale,
             comparison_margin=self.comparison_margin,
-            heldout_fraction=self.heldout_fraction,
-            seed=self.seed,
+            train_split=self.train_split,
         )
 
 
@@ -213,7 +222,7 @@ def _train(
     from datasets import Dataset
     from trl import RewardConfig
 
-    data = build_preference_data(load_snapshot(store, run.data_cutoff), config.data_options())
+    data = build_preference_data(run.snapshot(config.sources), config.data_options())
     log.info("%s", data.summary.format())
     run.record_data({**data.data_ids(), "summary": data.summary.as_dict()})
     check_enough(
@@ -247,12 +256,17 @@ def _train(
     metrics["perf/pairs_per_s"] = result.metrics.get("train_samples_per_second", 0.0)
     metrics["perf/train_s"] = result.metrics.get("train_runtime", 0.0)
     metrics["train/loss"] = result.training_loss
-    log.info("reward model: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    log.info(
+        "reward model: %s",
+        ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+        ),
+    )
     out_dir = scorer.save(run.dir / "reward_model", {"reference_size": metrics["reference/size"]})
     version_id = ModelRegistry(store, settings).add(
         "reward",
         out_dir,
-        name=config.name or f"reward-run{run.id}",
+        name=config.name or f"{'judge' if config.train_split == 'judge' else 'reward'}-run{run.id}",
         parent_id=start.version_id,
         metrics={**metrics, "run_id": run.id},
     )
@@ -260,16 +274,24 @@ def _train(
     return version_id
 
 
-def _final_metrics(scorer: RewardModel, data: PreferenceData, config: Config) -> dict[str, float]:
-    """Held-out metrics of the final (merged) model, and its score statistics on a reference set."""
+def _pair_metrics(scorer: RewardModel, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy, margin and calibration of `scorer` on preference rows (none when no rows)."""
+    if not rows:
+        return {}
+    contexts = [r["prompt"] for r in rows]
+    chosen = scorer.score(contexts, [r["chosen"][0]["content"] for r in rows], normalize=False)
+    rejected = scorer.score(contexts, [r["rejected"][0]["content"] for r in rows], normalize=False)
+    return pairwise_metrics(chosen - rejected)
+
+
+def _final_metrics(scorer: RewardModel, data: PreferenceData, config: Config) -> dict[str, Any]:
+    """Validation and test metrics of the final (merged) model, and its score statistics on a
+    reference set. Only validation chose the checkpoint; the test split is reported."""
     rows = data.heldout
-    chosen = scorer.score(
-        [r["prompt"] for r in rows], [r["chosen"][0]["content"] for r in rows], normalize=False
-    )
-    rejected = scorer.score(
-        [r["prompt"] for r in rows], [r["rejected"][0]["content"] for r in rows], normalize=False
-    )
-    metrics = {f"eval/{k}": v for k, v in pairwise_metrics(chosen - rejected).items()}
+    metrics: dict[str, Any] = {f"eval/{k}": v for k, v in _pair_metrics(scorer, rows).items()}
+    metrics.update({f"test/{k}": v for k, v in _pair_metrics(scorer, data.test).items()})
+    metrics["test/pairs"] = len(data.test)
+    metrics["data/train_split"] = config.train_split
     metrics["eval/pairs"] = len(rows)
     metrics["train/pairs"] = len(data.train)
     reference = {

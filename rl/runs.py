@@ -9,7 +9,9 @@
 
 A crash marks the row failed with the error, and the run directory keeps its checkpoints;
 `resume=True` reopens the newest unfinished run of the same kind, with the same data cut-off,
-so a resumed job trains on exactly the snapshot it started with.
+so a resumed job trains on exactly the snapshot it started with; `run.snapshot(sources)` also
+puts back the rating values and comparison choices of the first start (an edit made after
+the cut-off changes nothing a resume trains on).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Settings
 from agent.store.api import Store
 from agent.store.models import utcnow
+
+if TYPE_CHECKING:
+    from rl.datasets import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,16 @@ class Run:
 
             self._writer = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
         return self._writer
+
+    def snapshot(self, sources: list[str]) -> Snapshot:
+        """The job's data: rows up to the run's cut-off, of `sources` (required to be chosen when
+        real and simulated feedback are mixed), with the values of the run's first start."""
+        from rl.datasets import check_sources, freeze_values, load_snapshot
+
+        snap = load_snapshot(self.store, self.data_cutoff, sources=sources)
+        check_sources(snap, sources)
+        freeze_values(snap, self.dir / "snapshot_values.json")
+        return snap
 
     def record_data(self, ids: dict[str, Any]) -> None:
         """Record which rows the job trains on (e.g. {"messages": [...], "comparisons": [...]})."""

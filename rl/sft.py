@@ -26,7 +26,7 @@ from agent.errors import ConfigError, ValidationError
 from agent.modeling import load_base, pick_device
 from agent.registry import ModelRegistry
 from agent.store.api import Store
-from rl.datasets import SFTDataOptions, build_sft_data, load_snapshot
+from rl.datasets import SFTDataOptions, build_sft_data
 from rl.runs import Run, training_run
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,9 @@ class JobConfig:
     """Start from this policy version instead of the deployed one (ignored with base_model)."""
     name: str = ""
     """Name of the model version to register (default: <kind>-run<id>)."""
-    heldout_fraction: float = 0.2
-    """Share of conversations held out for evaluation (split by a hash of the conversation id)."""
+    sources: list[str] = field(default_factory=list)
+    """Conversation sources to learn from (chat, arena, simulated, import); empty: all, allowed
+    only when the database does not mix real and simulated feedback. Recorded on the run."""
     lora: bool = True
     """Train a LoRA adapter (True) or every weight (False; reward model only)."""
     lora_r: int = 16
@@ -95,7 +96,7 @@ class JobConfig:
     device: str = "auto"
     """auto (CUDA when available, bf16), cpu or cuda[:N]."""
     seed: int = 0
-    """Seed of the initialisation, data order and split."""
+    """Seed of the initialisation and data order (the data split is stored per conversation)."""
 
     def __post_init__(self) -> None:
         positive = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps")
@@ -103,8 +104,6 @@ class JobConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.heldout_fraction < 1:
-            raise ConfigError(f"heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.save_steps % self.eval_steps:
@@ -120,9 +119,10 @@ class Config(JobConfig):
     """`rlchat train sft`: which replies to imitate and how to train the adapter."""
 
     signals: list[str] = field(default_factory=lambda: ["thumb", "likert", "comparison"])
-    """Feedback that selects a reply: thumb (net up), likert (mean >= threshold), comparison (net wins)."""
-    likert_threshold: float = 4.0
-    """Mean Likert score (1..5, over raters and criteria) a reply needs to be imitated."""
+    """Feedback that selects a reply: thumb, likert (normalised score >= min_score), comparison (net wins)."""
+    min_score: float = 0.5
+    """Mean rater-normalised rating (z units, as the reward model's pairs) a reply needs to be
+    imitated (rl.datasets.SFTDataOptions.min_score)."""
     extra_jsonl: str = ""
     """Optional JSONL of extra training rows ({"messages": [...]} or {"prompt", "completion"})."""
     min_examples: int = 8
@@ -270,12 +270,10 @@ def _train(
 
     options = SFTDataOptions(
         signals=config.signals,
-        likert_threshold=config.likert_threshold,
-        heldout_fraction=config.heldout_fraction,
-        seed=config.seed,
+        min_score=config.min_score,
         extra_jsonl=config.extra_jsonl,
     )
-    data = build_sft_data(load_snapshot(store, run.data_cutoff), options)
+    data = build_sft_data(run.snapshot(config.sources), options)
     log.info("%s", data.summary.format())
     run.record_data({**data.data_ids(), "summary": data.summary.as_dict()})
     check_enough(
@@ -337,6 +335,6 @@ def check_enough(train: list, heldout: list, needed: int, what: str, purpose: st
         )
     if not heldout:
         raise ValidationError(
-            f"need at least 1 held-out row of {what} to evaluate, found none ({len(train)} for "
-            "training); add conversations or raise heldout_fraction"
+            f"need at least 1 validation row of {what} to evaluate, found none ({len(train)} "
+            "for training); add conversations (each one's split is stored in the `splits` table)"
         )

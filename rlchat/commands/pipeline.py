@@ -1,4 +1,4 @@
-"""`rlchat pipeline [--job-config FILE] [--set stage.key=value ...] [--resume]`."""
+"""`rlchat pipeline [--job-config FILE] [--set stage.key=value ...] [--resume | --generations N]`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import yaml
 
 from agent.config import build_dataclass, read_yaml
 from agent.errors import ConfigError
-from rl import pipeline
+from rl import flywheel, pipeline
+from rl.gate import format_table
 from rlchat.commands import add_job_config_args, open_store
 
 
@@ -16,6 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pipeline", help="SFT -> reward model -> PPO -> eval -> gate -> deploy")
     add_job_config_args(p, "rl.pipeline.Config (stage.key=value for a stage's field)")
     p.add_argument("--resume", action="store_true", help="continue the newest unfinished pipeline")
+    p.add_argument(
+        "--generations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the flywheel: N rounds of simulate (the config's `simulate` section) against the "
+        "deployed policy -> pipeline -> gate -> deploy",
+    )
     p.set_defaults(run=run)
 
 
@@ -36,6 +45,13 @@ def run(args: argparse.Namespace) -> int:
     values = read_yaml(args.job_config) if args.job_config else {}
     config = build_dataclass(pipeline.Config, parse_overrides(values, args.overrides))
     settings, store = open_store(args)
+    if args.generations:
+        if args.resume:
+            raise ConfigError("--resume: not with --generations (resume the round's pipeline)")
+        rounds = flywheel.run_flywheel(config, settings, store, args.generations)
+        print(flywheel.summary_table(rounds))
+        return 0
     result = pipeline.run_pipeline(config, settings, store, resume=args.resume)
     print(pipeline.summary_table(result))
+    print(format_table(result["stages"]["eval"]))  # every guard with its value and bound
     return 0

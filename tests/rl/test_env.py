@@ -12,7 +12,7 @@ from gymnasium.utils.env_checker import check_env
 
 from agent.errors import NotFoundError, ValidationError
 from agent.store.api import Store
-from rl.datasets import is_heldout
+from agent.store.splits import SplitFractions, assign_splits, stored_splits
 from rl.env import (
     DialogueEnv,
     DialogueVectorEnv,
@@ -144,7 +144,8 @@ def fill(store: Store) -> dict[str, int]:
 
 def test_db_prompts_contexts_followups_and_split(store: Store) -> None:
     ids = fill(store)
-    everything = db_prompts(store, None)
+    halves = SplitFractions(train=0.5, validation=0.0, judge=0.0, test=0.5, seed=1)
+    everything = db_prompts(store, None, fractions=halves)  # draws and stores the splits
     assert len(everything) == 16
     first = next(p for p in everything if p.message_id == ids["u1_0"])
     assert first.messages == [
@@ -154,11 +155,35 @@ def test_db_prompts_contexts_followups_and_split(store: Store) -> None:
     assert first.followups == ["second 0"] and first.conversation_id == ids["conv0"]
     second = next(p for p in everything if p.message_id == ids["u2_3"])
     assert [m["content"] for m in second.messages] == ["first 3", "reply", "second 3"]
-    train = db_prompts(store, "train", heldout_fraction=0.4, seed=1)
-    heldout = db_prompts(store, "heldout", heldout_fraction=0.4, seed=1)
-    assert train and heldout and len(train) + len(heldout) == 16
-    assert {p.conversation_id for p in train}.isdisjoint({p.conversation_id for p in heldout})
-    assert all(is_heldout(p.conversation_id, 0.4, 1) for p in heldout)
+    train = db_prompts(store, "train")
+    test = db_prompts(store, "test")
+    assert train and test and len(train) + len(test) == 16
+    stored = stored_splits(store)
+    assert {stored[p.conversation_id] for p in train} == {"train"}
+    assert {stored[p.conversation_id] for p in test} == {"test"}
+    # Decided once: other fractions later change nobody's split.
+    assert (
+        db_prompts(store, "train", fractions=SplitFractions(train=1, validation=0, judge=0, test=0))
+        == train
+    )
+
+
+def test_held_out_prompts_that_repeat_a_train_prompt_are_left_out(store: Store) -> None:
+    user = store.get_or_create_user("ann").id
+    texts = {"train": ["Hey", "hello?", "how are you"], "test": ["hey!", "Hello", "what now?"]}
+    for split, lines in texts.items():
+        for text in lines:
+            conv = store.create_conversation(user, "")
+            store.append_message(conv, "user", text)
+            assign_splits(
+                store,
+                [conv],
+                SplitFractions(
+                    **{s: float(s == split) for s in ("train", "validation", "judge", "test")}
+                ),
+            )
+    assert [p.messages[-1]["content"] for p in db_prompts(store, "test")] == ["what now?"]
+    assert len(db_prompts(store, "train")) == 3
 
 
 def test_jsonl_prompts(tmp_path: Path) -> None:

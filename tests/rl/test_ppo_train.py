@@ -52,7 +52,6 @@ def job_args(tiny_model_dir: Path, **extra: object) -> list[str]:
         batch_size=4,
         mini_batch_size=2,
         max_new_tokens=6,
-        heldout_fraction=0.3,
         eval_prompts=4,
         device="cpu",
         **extra,

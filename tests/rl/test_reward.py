@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from agent.config import Settings
 from agent.errors import ValidationError
 from agent.store.api import Store
+from agent.store.splits import SplitFractions, assign_splits
 from rl import reward
 from rl.reward_model import STATS_FILE, RewardModel
 
@@ -51,6 +52,8 @@ def feedback_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, dic
     settings = Settings(data_dir=tmp_path_factory.mktemp("reward") / "data")
     store = Store.open(settings)
     info = fill_synthetic_feedback(store, 50, seed=0)
+    ids = {store.get_message(m).conversation_id for m in info["good"]}
+    assign_splits(store, ids, SplitFractions(train=0.5, validation=0.2, judge=0.1, test=0.2))
     store.close()
     return settings, info
 
@@ -82,6 +85,9 @@ def test_reward_model_learns_the_raters_rule(trained: dict[str, Any]) -> None:
     assert version.metrics["eval/mean_margin"] > 0
     assert 0 <= version.metrics["eval/ece"] <= 0.5
     assert version.metrics["perf/pairs_per_s"] > 0
+    # Selected on validation, reported on test: pairs no stage trained or selected on.
+    assert version.metrics["test/pairs"] >= 8 and version.metrics["test/pairwise_accuracy"] >= 0.8
+    assert version.metrics["data/train_split"] == "train"
     assert run.status == "succeeded" and run.output_version_id == version.id
     assert run.data_ids["pairs"] and run.data_ids["heldout_conversations"]
     assert "eval/pairwise_accuracy" in run.metrics  # logged during training too

@@ -132,5 +132,3 @@ def test_without_a_deployed_policy_or_base_model_the_error_says_what_to_set(
 def test_config_rejects_bad_values() -> None:
     with pytest.raises(ConfigError, match="save_steps"):
         sft.Config(eval_steps=10, save_steps=15)
-    with pytest.raises(ConfigError, match="heldout_fraction"):
-        sft.Config(heldout_fraction=1.0)
