@@ -27,6 +27,7 @@ COMMANDS = {
     "simulate": "simulate",
     "pipeline": "pipeline",
     "eval": "evaluate",
+    "worker": "worker",
 }
 
 
