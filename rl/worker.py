@@ -257,7 +257,7 @@ class Heartbeat(threading.Thread):
         self.store, self.job_id, self.worker = store, job_id, worker
         self.watcher, self.interval = watcher, interval
         self.lost = False
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def beat(self) -> None:
         w = self.watcher
@@ -279,11 +279,11 @@ class Heartbeat(threading.Thread):
             w.cancel.set()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._done.wait(self.interval):
             self.beat()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
         if not self.lost:
             self.beat()  # the last progress and message
