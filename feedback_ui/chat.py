@@ -18,10 +18,13 @@ from agent.chat import SamplingParams
 from agent.errors import PermissionDenied, ValidationError
 from agent.store.api import check_text
 from feedback_ui.auth import Caller
+from feedback_ui.branches import branch_choices, branch_path
 from feedback_ui.common import NEGATIVE_REASONS, POSITIVE_REASONS, UIContext, to_chat, user_errors
 
 ROLE = "user"
 THUMBS = [("👍 Good", 1), ("👎 Bad", -1)]
+PANEL_SNIPPET = 120
+"""Characters of the rated reply quoted at the top of the feedback panel."""
 
 
 def empty_state() -> dict[str, Any]:
@@ -69,7 +72,8 @@ class ChatHandlers:
     def _stream(
         self, state: dict, chunks: Iterator[Any], before: list[dict], request: gr.Request
     ) -> Iterator[tuple[Any, ...]]:
-        """Yield (state, chatbot, siblings, reply id) while the reply streams in."""
+        """Yield (state, chatbot, siblings, feedback panel) while the reply streams in; the
+        panel (open for an older reply, perhaps) closes when the new reply is stored."""
         reply = {"role": "assistant", "content": ""}
         shown = [*before, reply]
         for chunk in chunks:
@@ -83,17 +87,29 @@ class ChatHandlers:
                     state,
                     self._shown(state["path"]),
                     self._siblings(state["path"]),
-                    chunk.assistant_message_id,
+                    gr.update(visible=False),
                 )
                 return
             yield state, shown, gr.update(), gr.update()
 
-    def conversations(self, request: gr.Request) -> Any:
-        """The caller's own conversations, newest first, for the dropdown."""
+    def conversations(self, request: gr.Request, current: int | None = None) -> Any:
+        """The caller's own conversations, newest first, for the dropdown; `current` selected."""
         caller = self.ctx.caller(request, ROLE, "listing conversations")
         convs = self.ctx.store.list_conversations(user_id=caller.id, limit=200)
         choices = [(f"#{c.id} {c.title or '(empty)'}", c.id) for c in convs if c.source == "chat"]
-        return gr.update(choices=choices)
+        return gr.update(choices=choices, value=current)
+
+    def selector(self, state: dict, request: gr.Request) -> Any:
+        """The conversation selector with the conversation on screen selected."""
+        return self.conversations(request, current=state["conversation_id"])
+
+    def branches(self, state: dict) -> Any:
+        """The branch picker: every branch of the conversation (hidden when there is one)."""
+        if state["conversation_id"] is None or not state["path"]:
+            return gr.update(choices=[], value=None, visible=False)
+        choices = branch_choices(self.ctx.store.messages(state["conversation_id"]), state["path"])
+        current = next((leaf for _, leaf in choices if leaf == state["path"][-1]), None)
+        return gr.update(choices=choices, value=current, visible=len(choices) >= 2)
 
     # ---- events ------------------------------------------------------------------------
 
@@ -130,7 +146,8 @@ class ChatHandlers:
         out: tuple[Any, ...] = ()
         for out in self._stream(state, chunks, before, request):
             yield *out, gr.update(), gr.update()
-        yield *out, gr.update(), self.conversations(request)  # complete, for API callers
+        # The selector lists the conversation and shows it as the current one.
+        yield *out, gr.update(), self.conversations(request, current=state["conversation_id"])
 
     @user_errors
     def regenerate(
@@ -206,7 +223,13 @@ class ChatHandlers:
     def new_conversation(self, request: gr.Request) -> tuple[Any, ...]:
         """Clear the screen; the next message starts a new conversation."""
         self.ctx.caller(request, ROLE, "chatting")
-        return empty_state(), [], self._siblings([]), None, gr.update(value=None)
+        return (
+            empty_state(),
+            [],
+            self._siblings([]),
+            gr.update(visible=False),
+            gr.update(value=None),
+        )
 
     @user_errors
     def open_conversation(
@@ -214,8 +237,9 @@ class ChatHandlers:
     ) -> tuple[Any, ...]:
         """Show one of the caller's conversations, on its newest branch."""
         caller = self.ctx.caller(request, ROLE, "opening a conversation")
+        hidden = gr.update(visible=False)
         if conversation_id is None:
-            return empty_state(), [], self._siblings([]), None
+            return empty_state(), [], self._siblings([]), hidden
         self._own(caller, int(conversation_id))
         messages = [m for m in self.ctx.store.messages(int(conversation_id)) if m.role != "system"]
         if not messages:
@@ -223,12 +247,25 @@ class ChatHandlers:
                 {"conversation_id": int(conversation_id), "path": []},
                 [],
                 self._siblings([]),
-                None,
+                hidden,
             )
         path = [m.id for m in self.ctx.store.path(messages[-1].id) if m.role != "system"]
         state = {"conversation_id": int(conversation_id), "path": path}
-        last = path[-1] if self.ctx.store.get_message(path[-1]).role == "assistant" else None
-        return state, self._shown(path), self._siblings(path), last
+        return state, self._shown(path), self._siblings(path), hidden
+
+    @user_errors
+    def open_branch(self, state: dict, leaf_id: int | None, request: gr.Request) -> tuple[Any, ...]:
+        """Show another branch of the conversation (an older, edited or regenerated one)."""
+        caller = self.ctx.caller(request, ROLE, "opening a branch")
+        if leaf_id is None or state["conversation_id"] is None:
+            return state, gr.update(), gr.update(), gr.update()
+        messages = self.ctx.store.messages(state["conversation_id"])
+        self._own(caller, state["conversation_id"])
+        if int(leaf_id) not in {m.id for m in messages}:
+            raise ValidationError(f"branch: message {leaf_id} is not in this conversation")
+        path = branch_path(messages, int(leaf_id))
+        state = {**state, "path": path}
+        return state, self._shown(path), self._siblings(path), gr.update(visible=False)
 
     @user_errors
     def show_sibling(
@@ -242,7 +279,7 @@ class ChatHandlers:
             raise ValidationError(f"reply: {reply_id} is not a reply to your last message")
         self._own_reply(caller, reply_id)
         state = {**state, "path": [*state["path"][:-1], int(reply_id)]}
-        return state, self._shown(state["path"]), int(reply_id)
+        return state, self._shown(state["path"]), gr.update(visible=False)
 
     @user_errors
     def mark_better(self, state: dict, request: gr.Request) -> str:
@@ -261,16 +298,44 @@ class ChatHandlers:
 
     @user_errors
     def like(self, state: dict, data: gr.LikeData, request: gr.Request) -> tuple[Any, ...]:
-        """The chatbot's thumb icons: store the thumb at once, select the reply for details."""
+        """A thumb icon on a reply: store the thumb at once and open the feedback panel for
+        that reply. Outputs (selected reply, panel, panel heading, thumb, reasons, comment,
+        status). Clicking the chosen icon again takes the thumb back."""
         caller = self.ctx.caller(request, ROLE, "rating replies")
         index = data.index if isinstance(data.index, int) else data.index[0]
         if not 0 <= index < len(state["path"]):
             raise ValidationError("reply: that message is no longer on screen")
         reply_id = state["path"][index]
         self._own_reply(caller, reply_id)
+        store = self.ctx.store
+        if data.liked not in (True, False):  # the icon was clicked off
+            store.delete_rating(reply_id, caller.id, "thumb")
+            return None, gr.update(visible=False), "", None, [], "", "Thumb removed."
         value = 1 if data.liked is True else -1
-        self.ctx.store.set_rating(reply_id, caller.id, "thumb", value)
-        return reply_id, value
+        before = [r for r in store.ratings(reply_id, caller.id) if r.kind == "thumb"]
+        reasons = [r for r in (before[0].reasons if before else []) if r in _reasons(value)]
+        store.set_rating(
+            reply_id, caller.id, "thumb", value, reasons=reasons,
+            comment=before[0].comment if before else "",
+        )  # fmt: skip
+        text = store.get_message(reply_id).content.replace("\n", " ")
+        quote = text[:PANEL_SNIPPET] + ("…" if len(text) > PANEL_SNIPPET else "")
+        heading = (
+            f"**{'👍' if value > 0 else '👎'} saved** for the reply “{quote}”. Why? (optional)"
+        )
+        return (
+            reply_id,
+            gr.update(visible=True),
+            heading,
+            value,
+            gr.update(choices=_reasons(value), value=reasons),
+            before[0].comment if before else "",
+            "",
+        )
+
+    def reasons_for(self, thumb: int | None) -> Any:
+        """The reasons that fit the chosen thumb."""
+        return gr.update(choices=_reasons(thumb), value=[])
 
     @user_errors
     def rate(
@@ -279,8 +344,8 @@ class ChatHandlers:
     ) -> str:  # fmt: skip
         """Thumb up (+1) or down (-1) on one of the caller's replies, with reasons and a comment."""
         caller = self.ctx.caller(request, ROLE, "rating replies")
-        if not reply_id:  # None, or 0 from an empty number box
-            raise ValidationError("reply: no reply selected; click the thumb icons on one")
+        if not reply_id:
+            raise ValidationError("reply: no reply selected; click 👍 or 👎 on a reply first")
         if thumb not in (1, -1):
             raise ValidationError("thumb: choose 👍 Good or 👎 Bad")
         self._own_reply(caller, int(reply_id))
@@ -292,12 +357,16 @@ class ChatHandlers:
             reasons=list(reasons or []),
             comment=comment or "",
         )
-        return f"Thanks! Feedback on reply #{int(reply_id)} saved."
+        return "Thanks! Your feedback on this reply is saved."
 
     def _agent(self) -> Any:
         if self.ctx.agent is None:
             raise ValidationError("chat: this server runs without a chat model; ask an admin")
         return self.ctx.agent
+
+
+def _reasons(thumb: int | None) -> list[str]:
+    return POSITIVE_REASONS if thumb == 1 else NEGATIVE_REASONS if thumb == -1 else []
 
 
 def _sampling(
@@ -342,20 +411,18 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
                     [], label="Replies to your last message", visible=False, elem_id="chat-siblings"
                 )
                 better = gr.Button("⭐ The shown reply is better", size="sm", elem_id="chat-better")
-            with gr.Accordion("Feedback on a reply", open=True):
-                with gr.Row():
-                    reply_id = gr.Number(
-                        label="Reply #", precision=0, interactive=False, scale=1, elem_id="fb-reply"
-                    )
-                    thumb = gr.Radio(THUMBS, label="Verdict", scale=2, elem_id="fb-thumb")
-                reasons = gr.CheckboxGroup(
-                    POSITIVE_REASONS + NEGATIVE_REASONS,
-                    label="Reasons (optional)",
-                    elem_id="fb-reasons",
-                )
+            branches = gr.Dropdown(
+                label="Branches of this conversation (edited and regenerated turns)",
+                choices=[], visible=False, elem_id="chat-branches",
+            )  # fmt: skip
+            selected = gr.State(None)  # the reply whose 👍/👎 was clicked last
+            saved = gr.Markdown(elem_id="fb-status")
+            with gr.Group(visible=False, elem_id="fb-panel") as panel:
+                heading = gr.Markdown(elem_id="fb-heading")
+                thumb = gr.Radio(THUMBS, label="Verdict", elem_id="fb-thumb")
+                reasons = gr.CheckboxGroup([], label="Reasons (optional)", elem_id="fb-reasons")
                 comment = gr.Textbox(label="Comment (optional)", lines=2, elem_id="fb-comment")
                 save = gr.Button("Save feedback", elem_id="fb-save")
-                saved = gr.Markdown(elem_id="fb-status")
             with gr.Accordion("Settings", open=False):
                 system = gr.Textbox(
                     ctx.settings.system_prompt,
@@ -367,7 +434,7 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
                 max_new = gr.Slider(8, 1024, 128, step=8, label="Max new tokens")
                 penalty = gr.Slider(1, 2, 1.1, step=0.05, label="Repetition penalty")
     sampling = [temperature, top_p, max_new, penalty]
-    streamed = [state, chatbot, siblings, reply_id]
+    streamed = [state, chatbot, siblings, panel]
     gen = dict(concurrency_id="generate", concurrency_limit=concurrency)
     gr.on(
         [send.click, text.submit], h.send, [state, text, system, *sampling],
@@ -375,18 +442,26 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
     )  # fmt: skip
     regen.click(h.regenerate, [state, *sampling], streamed, api_name="chat_regenerate", **gen)
     chatbot.retry(h.regenerate, [state, *sampling], streamed, api_name="chat_retry", **gen)
-    chatbot.edit(h.edit, [state, *sampling], streamed, api_name="chat_edit", **gen)
+    chatbot.edit(h.edit, [state, *sampling], streamed, api_name="chat_edit", **gen).then(
+        h.selector, [state], [history], api_name=False
+    )
     stop.click(h.stop, None, None, api_name="chat_stop", concurrency_limit=None, queue=False)
-    new.click(h.new_conversation, None, [*streamed[:3], reply_id, history], api_name="chat_new")
+    new.click(h.new_conversation, None, [*streamed, history], api_name="chat_new")
     history.input(h.open_conversation, [history], streamed, api_name="chat_open")
     siblings.input(
-        h.show_sibling, [state, siblings], [state, chatbot, reply_id], api_name="chat_show_reply"
+        h.show_sibling, [state, siblings], [state, chatbot, panel], api_name="chat_show_reply"
     )
+    branches.input(h.open_branch, [state, branches], streamed, api_name="chat_open_branch")
+    state.change(h.branches, [state], [branches], api_name=False)
     better.click(h.mark_better, [state], [saved], api_name="chat_mark_better")
-    chatbot.like(h.like, [state], [reply_id, thumb], api_name="chat_like")
+    chatbot.like(
+        h.like, [state], [selected, panel, heading, thumb, reasons, comment, saved],
+        api_name="chat_like",
+    )  # fmt: skip
+    thumb.input(h.reasons_for, [thumb], [reasons], api_name=False)
     save.click(
         h.rate,
-        [reply_id, thumb, reasons, comment],
+        [selected, thumb, reasons, comment],
         [saved],
         api_name="chat_rate",
         trigger_mode="once",
