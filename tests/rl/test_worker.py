@@ -165,3 +165,37 @@ def test_worker_command_on_an_empty_queue(
 ) -> None:
     assert cli(["--data-dir", str(sqlite_settings.data_dir), "worker", "--once"]) == 0
     assert "jobs run: 0" in capsys.readouterr().out
+
+
+def test_an_sft_job_cancels_right_after_the_trainers_next_save(
+    tiny_model_dir: Path,
+    sqlite_settings: Settings,
+    sqlite_store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from synthetic import fill_synthetic_feedback
+
+    fill_synthetic_feedback(sqlite_store, 20, seed=0)
+    config = dict(
+        base_model=str(tiny_model_dir), max_steps=12, batch_size=4, eval_steps=4,
+        save_steps=4, logging_steps=1, max_length=128, min_examples=1,
+    )  # fmt: skip
+    job = jobs.enqueue(sqlite_store, "sft", config)
+    original = Run.log
+
+    def log_and_cancel_at_step_1(self: Run, step: int, metrics: dict[str, float]) -> None:
+        if step == 1 and not jobs.get_job(sqlite_store, job.id).cancel_requested:
+            jobs.request_cancel(sqlite_store, job.id)
+            time.sleep(0.5)
+        original(self, step, metrics)
+
+    monkeypatch.setattr(Run, "log", log_and_cancel_at_step_1)
+    done = worker.run_next(sqlite_store, sqlite_settings, FAST)
+    assert done is not None and done.status == "cancelled"
+    assert 0 < done.progress < 1  # steps out of the trainer's max_steps
+    run = sqlite_store.get_run(done.training_run_id)
+    assert run.status == "cancelled"
+    saved = sorted(p.name for p in (Path(run.log_path) / "checkpoints").glob("checkpoint-*"))
+    assert saved == ["checkpoint-4"]  # stopped at the first save after the cancel
+    assert max(row["step"] for row in read_metrics(run.log_path)) == 4
+    assert sqlite_store.list_model_versions("sft") == []
