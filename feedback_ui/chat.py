@@ -72,8 +72,7 @@ class ChatHandlers:
     def _stream(
         self, state: dict, chunks: Iterator[Any], before: list[dict], request: gr.Request
     ) -> Iterator[tuple[Any, ...]]:
-        """Yield (state, chatbot, siblings, feedback panel) while the reply streams in; the
-        panel (open for an older reply, perhaps) closes when the new reply is stored."""
+        """Yield (state, chatbot, siblings, reply id) while the reply streams in."""
         reply = {"role": "assistant", "content": ""}
         shown = [*before, reply]
         for chunk in chunks:
@@ -87,7 +86,7 @@ class ChatHandlers:
                     state,
                     self._shown(state["path"]),
                     self._siblings(state["path"]),
-                    gr.update(visible=False),
+                    chunk.assistant_message_id,
                 )
                 return
             yield state, shown, gr.update(), gr.update()
@@ -110,6 +109,16 @@ class ChatHandlers:
         choices = branch_choices(self.ctx.store.messages(state["conversation_id"]), state["path"])
         current = next((leaf for _, leaf in choices if leaf == state["path"][-1]), None)
         return gr.update(choices=choices, value=current, visible=len(choices) >= 2)
+
+    def on_screen_changed(self, state: dict) -> tuple[Any, Any]:
+        """Another turn, branch or conversation is on screen: refresh the branch picker and
+        close the feedback panel (it was about a reply that may be gone from view)."""
+        return self.branches(state), gr.update(visible=False)
+
+    def _last_reply(self, path: list[int]) -> int | None:
+        if path and self.ctx.store.get_message(path[-1]).role == "assistant":
+            return path[-1]
+        return None
 
     # ---- events ------------------------------------------------------------------------
 
@@ -227,7 +236,7 @@ class ChatHandlers:
             empty_state(),
             [],
             self._siblings([]),
-            gr.update(visible=False),
+            None,
             gr.update(value=None),
         )
 
@@ -237,9 +246,8 @@ class ChatHandlers:
     ) -> tuple[Any, ...]:
         """Show one of the caller's conversations, on its newest branch."""
         caller = self.ctx.caller(request, ROLE, "opening a conversation")
-        hidden = gr.update(visible=False)
         if conversation_id is None:
-            return empty_state(), [], self._siblings([]), hidden
+            return empty_state(), [], self._siblings([]), None
         self._own(caller, int(conversation_id))
         messages = [m for m in self.ctx.store.messages(int(conversation_id)) if m.role != "system"]
         if not messages:
@@ -247,11 +255,11 @@ class ChatHandlers:
                 {"conversation_id": int(conversation_id), "path": []},
                 [],
                 self._siblings([]),
-                hidden,
+                None,
             )
         path = [m.id for m in self.ctx.store.path(messages[-1].id) if m.role != "system"]
         state = {"conversation_id": int(conversation_id), "path": path}
-        return state, self._shown(path), self._siblings(path), hidden
+        return state, self._shown(path), self._siblings(path), self._last_reply(path)
 
     @user_errors
     def open_branch(self, state: dict, leaf_id: int | None, request: gr.Request) -> tuple[Any, ...]:
@@ -265,7 +273,7 @@ class ChatHandlers:
             raise ValidationError(f"branch: message {leaf_id} is not in this conversation")
         path = branch_path(messages, int(leaf_id))
         state = {**state, "path": path}
-        return state, self._shown(path), self._siblings(path), gr.update(visible=False)
+        return state, self._shown(path), self._siblings(path), self._last_reply(path)
 
     @user_errors
     def show_sibling(
@@ -279,7 +287,7 @@ class ChatHandlers:
             raise ValidationError(f"reply: {reply_id} is not a reply to your last message")
         self._own_reply(caller, reply_id)
         state = {**state, "path": [*state["path"][:-1], int(reply_id)]}
-        return state, self._shown(state["path"]), gr.update(visible=False)
+        return state, self._shown(state["path"]), int(reply_id)
 
     @user_errors
     def mark_better(self, state: dict, request: gr.Request) -> str:
@@ -310,7 +318,7 @@ class ChatHandlers:
         store = self.ctx.store
         if data.liked not in (True, False):  # the icon was clicked off
             store.delete_rating(reply_id, caller.id, "thumb")
-            return None, gr.update(visible=False), "", None, [], "", "Thumb removed."
+            return reply_id, gr.update(visible=False), "", None, [], "", "Thumb removed."
         value = 1 if data.liked is True else -1
         before = [r for r in store.ratings(reply_id, caller.id) if r.kind == "thumb"]
         reasons = [r for r in (before[0].reasons if before else []) if r in _reasons(value)]
@@ -415,7 +423,9 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
                 label="Branches of this conversation (edited and regenerated turns)",
                 choices=[], visible=False, elem_id="chat-branches",
             )  # fmt: skip
-            selected = gr.State(None)  # the reply whose 👍/👎 was clicked last
+            # The reply the feedback panel is about: the one whose 👍/👎 was clicked (hidden;
+            # API clients pass it to /chat_rate, and get it back from /chat_send).
+            reply_id = gr.Number(precision=0, visible=False, elem_id="fb-reply")
             saved = gr.Markdown(elem_id="fb-status")
             with gr.Group(visible=False, elem_id="fb-panel") as panel:
                 heading = gr.Markdown(elem_id="fb-heading")
@@ -434,7 +444,7 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
                 max_new = gr.Slider(8, 1024, 128, step=8, label="Max new tokens")
                 penalty = gr.Slider(1, 2, 1.1, step=0.05, label="Repetition penalty")
     sampling = [temperature, top_p, max_new, penalty]
-    streamed = [state, chatbot, siblings, panel]
+    streamed = [state, chatbot, siblings, reply_id]
     gen = dict(concurrency_id="generate", concurrency_limit=concurrency)
     gr.on(
         [send.click, text.submit], h.send, [state, text, system, *sampling],
@@ -449,19 +459,19 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
     new.click(h.new_conversation, None, [*streamed, history], api_name="chat_new")
     history.input(h.open_conversation, [history], streamed, api_name="chat_open")
     siblings.input(
-        h.show_sibling, [state, siblings], [state, chatbot, panel], api_name="chat_show_reply"
+        h.show_sibling, [state, siblings], [state, chatbot, reply_id], api_name="chat_show_reply"
     )
     branches.input(h.open_branch, [state, branches], streamed, api_name="chat_open_branch")
-    state.change(h.branches, [state], [branches], api_name=False)
+    state.change(h.on_screen_changed, [state], [branches, panel], api_name=False)
     better.click(h.mark_better, [state], [saved], api_name="chat_mark_better")
     chatbot.like(
-        h.like, [state], [selected, panel, heading, thumb, reasons, comment, saved],
+        h.like, [state], [reply_id, panel, heading, thumb, reasons, comment, saved],
         api_name="chat_like",
     )  # fmt: skip
     thumb.input(h.reasons_for, [thumb], [reasons], api_name=False)
     save.click(
         h.rate,
-        [selected, thumb, reasons, comment],
+        [reply_id, thumb, reasons, comment],
         [saved],
         api_name="chat_rate",
         trigger_mode="once",

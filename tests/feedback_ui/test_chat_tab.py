@@ -31,9 +31,9 @@ def send(h: ChatHandlers, state: dict, text: str, name: str = "alice") -> list[t
 def test_send_streams_and_stores_the_turn(chat) -> None:
     outputs = send(chat.h, empty_state(), "hi there")
     assert outputs[0][4] == ""  # the textbox is cleared at once
-    state, shown, _, panel = outputs[-1][:4]
+    state, shown, _, reply_id = outputs[-1][:4]
     user_id, assistant_id = state["path"]
-    assert panel["visible"] is False  # the feedback panel opens from a reply's thumb icons
+    assert reply_id == assistant_id
     stored = chat.store.get_message(assistant_id)
     assert stored.role == "assistant" and stored.parent_id == user_id
     assert shown == [
@@ -121,13 +121,14 @@ def test_regenerate_makes_a_sibling_and_the_user_marks_the_better_one(chat) -> N
     first = state["path"][1]
     with pytest.raises(gr.Error, match="one reply"):
         chat.h.mark_better(state, request_as("alice"))
-    state, shown, siblings, _ = list(chat.h.regenerate(state, *SAMPLING, request_as("alice")))[-1]
-    second = state["path"][-1]
+    state, shown, siblings, second = list(chat.h.regenerate(state, *SAMPLING, request_as("alice")))[
+        -1
+    ]
     assert state["path"][0] == chat.store.get_message(second).parent_id
     assert second != first and siblings["visible"] and len(siblings["choices"]) == 2
     assert len(shown) == 2
-    state, shown, _ = chat.h.show_sibling(state, first, request_as("alice"))
-    assert state["path"][1] == first
+    state, shown, shown_id = chat.h.show_sibling(state, first, request_as("alice"))
+    assert state["path"][1] == first == shown_id
     assert shown[1]["content"] == chat.store.get_message(first).content
     assert "better than 1" in chat.h.mark_better(state, request_as("alice"))
     [cmp] = chat.store.comparisons()
@@ -167,8 +168,10 @@ def test_old_branches_of_edited_and_regenerated_turns_can_be_browsed(chat) -> No
     assert sum("(on screen)" in label for label in labels) == 1
     assert any("edited message at turn 2" in label and "“two”" in label for label in labels)
     assert any("other reply at turn 2" in label for label in labels)
-    back, shown, _, _ = chat.h.open_branch(state, old["path"][-1], request_as("alice"))
+    back, shown, _, last = chat.h.open_branch(state, old["path"][-1], request_as("alice"))
     assert back["path"] == old["path"] and shown[2] == {"role": "user", "content": "two"}
+    assert last == old["path"][-1]
+    assert chat.h.on_screen_changed(back)[1]["visible"] is False  # the panel closes
     with pytest.raises(gr.Error, match="belongs to another user"):
         chat.h.open_branch(state, old["path"][-1], request_as("carol"))
     with pytest.raises(gr.Error, match="not in this conversation"):
@@ -183,8 +186,8 @@ def test_each_user_sees_only_their_own_conversations(chat) -> None:
         chat.h.open_conversation(conv, request_as("carol"))
     with pytest.raises(gr.Error, match="belongs to another user"):
         send(chat.h, state, "hijack", name="carol")
-    opened, shown, _, _ = chat.h.open_conversation(conv, request_as("alice"))
-    assert opened == state and shown[0]["content"] == "secret"
+    opened, shown, _, last = chat.h.open_conversation(conv, request_as("alice"))
+    assert opened == state and shown[0]["content"] == "secret" and last == state["path"][1]
 
 
 def test_stop_keeps_the_partial_reply(chat) -> None:
