@@ -43,7 +43,8 @@ UNFINISHED = ("running", "failed", "cancelled")
 """Statuses of a run that `resume` continues."""
 
 RunHook = Callable[["Run", str], None]
-"""Called with (run, event): event "open" when a run starts or resumes, "log" after a log."""
+"""Called with (run, event): "open" when a run starts or resumes, "log" after each log,
+"finish" just before it is marked succeeded."""
 _hook: ContextVar[RunHook | None] = ContextVar("rlchat_run_hook", default=None)
 _resume_id: ContextVar[int | None] = ContextVar("rlchat_resume_run", default=None)
 
@@ -140,6 +141,9 @@ class Run:
     def finish(
         self, output_version_id: int | None = None, metrics: dict[str, Any] | None = None
     ) -> None:
+        hook = _hook.get()
+        if hook is not None:
+            hook(self, "finish")
         self.store.update_run(
             self.id,
             status="succeeded",

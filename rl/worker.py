@@ -10,7 +10,8 @@ same entry point: `train sft|reward|ppo` -> `rl.sft|rl.reward|rl.ppo_train.main`
 progress and picks up a cancel; `rl.runs.watch_runs` lets the worker see every run the job
 opens and each metric it logs. A cancel stops the job at its next checkpoint (SFT and reward:
 the trainer's next save; PPO: the first log after its next checkpoint; any other run: its next
-log or the next run it opens), the run is marked cancelled, and Resume continues it from that
+log, its end, or the next run it opens, so a pipeline cancelled during its eval stage never
+reaches deploy), the run is marked cancelled, and Resume continues it from that
 checkpoint. A worker that dies stops heartbeating: after `lease_s` its job is requeued and the
 next worker resumes it the same way.
 """
@@ -174,6 +175,10 @@ class JobWatcher:
             self.run_id = self.run_id or run.id  # the job's own (outermost) run
             self.message = f"{run.kind} run {run.id} started"
             self._stop_if_cancelled(run)
+            return
+        if event == "finish":  # a run without checkpoints (eval) ends: stop before what follows
+            if run.kind not in CHECKPOINTING:  # (a pipeline's deploy), not after hours of SFT
+                self._stop_if_cancelled(run)
             return
         self._report(run)
         if run.kind not in CHECKPOINTING or self._checkpointed_since_cancel(run):

@@ -199,3 +199,24 @@ def test_an_sft_job_cancels_right_after_the_trainers_next_save(
     assert saved == ["checkpoint-4"]  # stopped at the first save after the cancel
     assert max(row["step"] for row in read_metrics(run.log_path)) == 4
     assert sqlite_store.list_model_versions("sft") == []
+
+
+def test_a_cancel_during_an_eval_stops_before_what_follows(
+    sqlite_settings: Settings, sqlite_store: Store
+) -> None:
+    """A pipeline cancelled while its eval stage runs must not go on to deploy."""
+    from rl.runs import RunCancelled, training_run, watch_runs
+
+    job = jobs.enqueue(sqlite_store, "pipeline", {})
+    watcher = worker.JobWatcher(jobs.claim(sqlite_store, "w"))
+    deployed = []
+    with pytest.raises(RunCancelled), watch_runs(watcher.on_run):
+        with training_run(sqlite_store, sqlite_settings, "pipeline", {}) as outer:
+            with training_run(sqlite_store, sqlite_settings, "eval", {}) as run:
+                watcher.cancel.set()  # the heartbeat saw the dashboard's cancel
+                run.finish(metrics={"gate": {"deploy": True}})
+            deployed.append(True)  # the pipeline's deploy stage
+    assert deployed == [] and watcher.run_id == outer.id
+    assert sqlite_store.get_run(run.id).status == "cancelled"
+    assert sqlite_store.get_run(outer.id).status == "cancelled"
+    assert job.id == watcher.job_id
