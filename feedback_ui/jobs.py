@@ -31,6 +31,8 @@ REFRESH_S = 2.0
 HEADLINE = ("reward/mean", "kl/mean", "train/loss", "eval/loss", "eval/accuracy")
 """Metrics drawn by default, when the run logs them."""
 CURVE_COLUMNS = ["step", "value", "metric"]
+SILENT_S = 30
+"""A running job whose worker has been silent this long is flagged in the list."""
 
 
 def _eta(job: Job, now: datetime) -> str:
@@ -69,6 +71,9 @@ def jobs_html(rows: list[Job], names: dict[int, str]) -> str:
         status = job.status + (
             " (cancel asked)" if job.cancel_requested and job.status == "running" else ""
         )
+        silent = (now - _aware(job.heartbeat_at)).total_seconds() if job.heartbeat_at else 0
+        if job.status == "running" and silent > SILENT_S:
+            status += f" (no heartbeat for {_duration(silent)}: worker gone? a worker resumes it after the lease)"
         cells = [
             f"#{job.id}",
             html.escape(job.kind),

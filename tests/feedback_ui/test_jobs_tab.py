@@ -70,6 +70,9 @@ def test_progress_eta_and_escaping() -> None:
     assert 'value="0.500"' in table and "50%" in table
     assert "2 min 00 s" in table or "1 min 59 s" in table  # as long again as it took so far
     assert "<script>" not in table and "&lt;script&gt;" in table
+    assert "no heartbeat" not in table
+    job.heartbeat_at = now - timedelta(seconds=90)  # its worker was killed
+    assert "no heartbeat for 1 min 30 s" in jobs_html([job], {})
 
 
 def test_curves_come_from_the_runs_metrics(store, people, ctx, settings) -> None:
