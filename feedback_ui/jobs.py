@@ -28,9 +28,14 @@ from rl.runs import read_metrics
 ROLE = "admin"
 REFRESH_S = 2.0
 """Seconds between refreshes of the job list and curves while the Jobs tab is open."""
-HEADLINE = ("reward/mean", "kl/mean", "train/loss", "eval/loss", "eval/accuracy")
-"""Metrics drawn by default, when the run logs them."""
-CURVE_COLUMNS = ["step", "value", "metric"]
+HEADLINE = (
+    "reward/mean", "kl/mean", "policy/entropy", "value/explained_variance", "loss/policy",
+    "train/loss", "eval/loss", "eval/accuracy",
+)  # fmt: skip
+"""Metrics drawn by default (the first MAX_CURVES the run logs)."""
+MAX_CURVES = 4
+"""Plots on screen, one metric each. (One plot coloured by metric would be neater, but a
+Gradio LinePlot keeps the colour domain of its first data and drops metrics added later.)"""
 SILENT_S = 30
 """A running job whose worker has been silent this long is flagged in the list."""
 
@@ -151,7 +156,8 @@ class JobsHandlers:
     def refresh(
         self, job_id: int | None, run_id: int | None, metrics: list[str] | None, request: gr.Request
     ) -> tuple[Any, ...]:
-        """(job table, job picker, run picker, metric picker, curves, TensorBoard note)."""
+        """(job table, job picker, run picker, metric picker, MAX_CURVES plots, TensorBoard
+        note)."""
         self.ctx.caller(request, ROLE, "the Jobs tab")
         store = self.ctx.store
         rows = jobs.list_jobs(store)
@@ -162,7 +168,8 @@ class JobsHandlers:
         run = next((r for r in runs if r.id == run_id), runs[0] if runs else None)
         history = read_metrics(run.log_path) if run and run.log_path else []
         keys = sorted({k for row in history for k in row if k not in ("step", "time")})
-        chosen = [m for m in (metrics or []) if m in keys] or [m for m in HEADLINE if m in keys][:2]
+        chosen = [m for m in (metrics or []) if m in keys][:MAX_CURVES]
+        chosen = chosen or [m for m in HEADLINE if m in keys][:MAX_CURVES]
         return (
             jobs_html(rows, names),
             gr.update(choices=choices, value=job.id if job else None),
@@ -171,7 +178,7 @@ class JobsHandlers:
                 value=run.id if run else None,
             ),
             gr.update(choices=keys, value=chosen),
-            curves(history, chosen),
+            *plots(history, chosen),
             _tensorboard_note(run),
         )
 
@@ -198,15 +205,26 @@ def _job_id(value: Any) -> int:
     return int(value)
 
 
+def plots(history: list[dict[str, float]], metrics: list[str]) -> list[Any]:
+    """One LinePlot update per plot slot: a metric's curve, or hidden when unused."""
+    updates = [gr.update(value=curves(history, [m]), label=m, visible=True) for m in metrics]
+    return updates + [gr.update(visible=False)] * (MAX_CURVES - len(updates))
+
+
 def curves(history: list[dict[str, float]], metrics: list[str]) -> pd.DataFrame:
-    """Long-format (step, value, metric) rows of the chosen metrics, for a LinePlot."""
-    rows = [
-        {"step": row["step"], "value": row[m], "metric": m}
-        for row in history
-        for m in metrics
-        if m in row
-    ]
-    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+    """Long-format (step, value, metric) rows of the chosen metrics, for a LinePlot.
+
+    Typed even when empty: the plot takes its axis types (quantitative, not categories) from
+    the first frame it is given.
+    """
+    rows = [(int(row["step"]), float(row[m]), m) for row in history for m in metrics if m in row]
+    return pd.DataFrame(
+        {
+            "step": pd.Series([r[0] for r in rows], dtype="int64"),
+            "value": pd.Series([r[1] for r in rows], dtype="float64"),
+            "metric": pd.Series([r[2] for r in rows], dtype="object"),
+        }
+    )
 
 
 def _tensorboard_note(run: TrainingRun | None) -> str:
@@ -239,16 +257,31 @@ def build_jobs_tab(ctx: UIContext) -> dict[str, Any]:
     with gr.Row():
         run = gr.Dropdown(label="Run", choices=[], scale=1, elem_id="jobs-run")
         metrics = gr.Dropdown(
-            label="Metrics", choices=[], multiselect=True, scale=3, elem_id="jobs-metrics"
+            label=f"Metrics (up to {MAX_CURVES})",
+            choices=[],
+            multiselect=True,
+            max_choices=MAX_CURVES,
+            scale=3,
+            elem_id="jobs-metrics",
         )
-    plot = gr.LinePlot(
-        pd.DataFrame(columns=CURVE_COLUMNS), x="step", y="value", color="metric",
-        title="Metrics of the run", height=320, elem_id="jobs-curve",
-    )  # fmt: skip
+    slots = []
+    for row in range(MAX_CURVES // 2):
+        with gr.Row():
+            for col in range(2):
+                slots.append(
+                    gr.LinePlot(
+                        None,
+                        x="step",
+                        y="value",
+                        height=260,
+                        visible=False,
+                        elem_id=f"jobs-curve-{2 * row + col}",
+                    )  # fmt: skip
+                )
     tensorboard = gr.Markdown(elem_id="jobs-tensorboard")
     timer = gr.Timer(REFRESH_S, active=False)
 
-    views = [table, job, run, metrics, plot, tensorboard]
+    views = [table, job, run, metrics, *slots, tensorboard]
     picked = [job, run, metrics]
     kind.change(config_help, [kind], [fields], api_name=False)
     queue.click(h.queue, [kind, yaml_text, set_text], [status, *views], api_name="jobs_queue")

@@ -289,11 +289,14 @@ def test_admin_queues_a_ppo_job_watches_its_curve_and_cancels_it(
         expect(row).to_have_attribute("data-status", "running", timeout=120_000)
         page.wait_for_function(STEP_AT_LEAST, arg=2, timeout=120_000)
         first = _step(page)
-        lines = page.locator("#jobs-curve .mark-line path")
-        expect(lines.first).to_be_attached()
+        line = page.locator("#jobs-curve-0 .mark-line path").first
+        expect(line).to_be_attached()
+        expect(page.locator("#jobs-curve-0")).to_contain_text("reward/mean")
+        drawn = line.get_attribute("d")
         shot(page, "jobs-running")
         page.wait_for_function(STEP_AT_LEAST, arg=first + 3, timeout=120_000)
-        assert _step(page) > first  # the curve grew
+        assert _step(page) > first
+        _wait_for(lambda: line.get_attribute("d") != drawn)  # the curve grew
         shot(page, "jobs-curve-grown")
         page.locator("#jobs-cancel").click()
         expect(page.locator("#jobs-status")).to_contain_text("stops at its next checkpoint")

@@ -83,14 +83,18 @@ def test_curves_come_from_the_runs_metrics(store, people, ctx, settings) -> None
         for step in (1, 2):
             run.log(step, {"reward/mean": 0.1 * step, "kl/mean": 0.01, "loss/value": 2.0})
     jobs.heartbeat(store, job.id, "w", progress=2 / 3, training_run_id=run.id)
-    table, picker, runs, metrics, plot, tensorboard = h.refresh(None, None, None, ROOT)
+    table, picker, runs, metrics, *plots, tensorboard = h.refresh(None, None, None, ROOT)
     assert picker["value"] == job.id and runs["value"] == run.id
     assert metrics["choices"] == ["kl/mean", "loss/value", "reward/mean"]
     assert metrics["value"] == ["reward/mean", "kl/mean"]  # the headline ones by default
-    assert list(plot[plot["metric"] == "reward/mean"]["value"]) == pytest.approx([0.1, 0.2])
+    assert [p["visible"] for p in plots] == [True, True, False, False]
+    assert [p["label"] for p in plots[:2]] == ["reward/mean", "kl/mean"]
+    assert list(plots[0]["value"]["value"]) == pytest.approx([0.1, 0.2])
+    assert list(plots[0]["value"]["step"]) == [1, 2]
     assert f"{run.id}" in tensorboard and "tensorboard --logdir" in tensorboard
-    *_, plot, _ = h.refresh(job.id, run.id, ["loss/value"], ROOT)
-    assert set(plot["metric"]) == {"loss/value"} and len(plot) == 2
+    *_, first, second, _, _, _ = h.refresh(job.id, run.id, ["loss/value"], ROOT)
+    assert first["label"] == "loss/value" and len(first["value"]) == 2
+    assert second["visible"] is False
     with pytest.raises(gr.Error, match="needs the admin role"):
         h.refresh(None, None, None, request_as("bob"))
 
