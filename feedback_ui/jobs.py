@@ -275,8 +275,10 @@ def build_jobs_tab(ctx: UIContext) -> dict[str, Any]:
                         y="value",
                         height=260,
                         visible=False,
+                        label="metric",
+                        show_label=True,
                         elem_id=f"jobs-curve-{2 * row + col}",
-                    )  # fmt: skip
+                    )
                 )
     tensorboard = gr.Markdown(elem_id="jobs-tensorboard")
     timer = gr.Timer(REFRESH_S, active=False)
