@@ -211,6 +211,11 @@ def test_admin_sees_the_counts(server, login) -> None:
     expect(page.locator("#dash-versions")).to_contain_text("deployed")
     expect(page.locator("#dash-deploy")).to_be_visible()
     shot(page, "dashboard")
+    page.get_by_role("tab", name="Model lineage").click()
+    tree = page.locator("#lineage-tree")
+    expect(tree).to_contain_text("served base")
+    expect(tree.locator("li").nth(1)).to_contain_text(CANDIDATE)  # the SFT under its base
+    shot(page, "lineage")
 
 
 def test_arena_vote_reveals_the_two_models(server, login) -> None:
