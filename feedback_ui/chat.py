@@ -16,6 +16,7 @@ import gradio as gr
 from agent.chat import SamplingParams
 from agent.errors import PermissionDenied, ValidationError
 from feedback_ui.auth import Caller
+from feedback_ui.branches import branch_choices, branch_path
 from feedback_ui.common import (
     NEGATIVE_REASONS,
     POSITIVE_REASONS,
@@ -33,6 +34,8 @@ from feedback_ui.common import (
 
 ROLE = "user"
 THUMBS = [("👍 Good", 1), ("👎 Bad", -1)]
+PANEL_SNIPPET = 120
+"""Characters of the rated reply quoted at the top of the feedback panel."""
 
 
 def empty_state() -> dict[str, Any]:
@@ -95,12 +98,34 @@ class ChatHandlers:
             yield state, shown, gr.update(), gr.update()
 
     @user_errors
-    def conversations(self, request: gr.Request) -> Any:
-        """The caller's own conversations, newest first, for the dropdown."""
+    def conversations(self, request: gr.Request, current: int | None = None) -> Any:
+        """The caller's own conversations, newest first, for the dropdown; `current` selected."""
         caller = self.ctx.caller(request, ROLE, "listing conversations")
         convs = self.ctx.store.list_conversations(user_id=caller.id, limit=200)
         choices = [(f"#{c.id} {c.title or '(empty)'}", c.id) for c in convs if c.source == "chat"]
-        return gr.update(choices=choices)
+        return gr.update(choices=choices, value=current)
+
+    def selector(self, state: dict, request: gr.Request) -> Any:
+        """The conversation selector with the conversation on screen selected."""
+        return self.conversations(request, current=state["conversation_id"])
+
+    def branches(self, state: dict) -> Any:
+        """The branch picker: every branch of the conversation (hidden when there is one)."""
+        if state["conversation_id"] is None or not state["path"]:
+            return gr.update(choices=[], value=None, visible=False)
+        choices = branch_choices(self.ctx.store.messages(state["conversation_id"]), state["path"])
+        current = next((leaf for _, leaf in choices if leaf == state["path"][-1]), None)
+        return gr.update(choices=choices, value=current, visible=len(choices) >= 2)
+
+    def on_screen_changed(self, state: dict) -> tuple[Any, Any]:
+        """Another turn, branch or conversation is on screen: refresh the branch picker and
+        close the feedback panel (it was about a reply that may be gone from view)."""
+        return self.branches(state), gr.update(visible=False)
+
+    def _last_reply(self, path: list[int]) -> int | None:
+        if path and self.ctx.store.get_message(path[-1]).role == "assistant":
+            return path[-1]
+        return None
 
     # ---- events ------------------------------------------------------------------------
 
@@ -139,7 +164,8 @@ class ChatHandlers:
         out: tuple[Any, ...] = ()
         for out in self._stream(state, chunks, before, request):
             yield *out, gr.update(), gr.update()
-        yield *out, gr.update(), self.conversations(request)  # complete, for API callers
+        # The selector lists the conversation and shows it as the current one.
+        yield *out, gr.update(), self.conversations(request, current=state["conversation_id"])
 
     @user_errors
     def regenerate(
@@ -215,7 +241,13 @@ class ChatHandlers:
     def new_conversation(self, request: gr.Request) -> tuple[Any, ...]:
         """Clear the screen; the next message starts a new conversation."""
         self.ctx.caller(request, ROLE, "chatting")
-        return empty_state(), [], self._siblings([]), None, gr.update(value=None)
+        return (
+            empty_state(),
+            [],
+            self._siblings([]),
+            None,
+            gr.update(value=None),
+        )
 
     @user_errors
     def open_conversation(
@@ -236,8 +268,21 @@ class ChatHandlers:
             )
         path = [m.id for m in self.ctx.store.path(messages[-1].id) if m.role != "system"]
         state = {"conversation_id": int(conversation_id), "path": path}
-        last = path[-1] if self.ctx.store.get_message(path[-1]).role == "assistant" else None
-        return state, self._shown(path), self._siblings(path), last
+        return state, self._shown(path), self._siblings(path), self._last_reply(path)
+
+    @user_errors
+    def open_branch(self, state: dict, leaf_id: int | None, request: gr.Request) -> tuple[Any, ...]:
+        """Show another branch of the conversation (an older, edited or regenerated one)."""
+        caller = self.ctx.caller(request, ROLE, "opening a branch")
+        if leaf_id is None or state["conversation_id"] is None:
+            return state, gr.update(), gr.update(), gr.update()
+        messages = self.ctx.store.messages(state["conversation_id"])
+        self._own(caller, state["conversation_id"])
+        if int(leaf_id) not in {m.id for m in messages}:
+            raise ValidationError(f"branch: message {leaf_id} is not in this conversation")
+        path = branch_path(messages, int(leaf_id))
+        state = {**state, "path": path}
+        return state, self._shown(path), self._siblings(path), self._last_reply(path)
 
     @user_errors
     def show_sibling(
@@ -270,7 +315,9 @@ class ChatHandlers:
 
     @user_errors
     def like(self, state: dict, data: LikeEvent, request: gr.Request) -> tuple[Any, ...]:
-        """The chatbot's thumb icons: store the thumb at once, select the reply for details."""
+        """A thumb icon on a reply: store the thumb at once and open the feedback panel for
+        that reply. Outputs (selected reply, panel, panel heading, thumb, reasons, comment,
+        status). Clicking the chosen icon again takes the thumb back."""
         caller = self.ctx.caller(request, ROLE, "rating replies")
         if data.index is None:
             raise ValidationError("like: no reply was clicked; click a reply's thumb icons")
@@ -280,9 +327,35 @@ class ChatHandlers:
             raise ValidationError("reply: that message is no longer on screen")
         reply_id = state["path"][index]
         self._own_reply(caller, reply_id)
+        store = self.ctx.store
+        if data.liked not in (True, False):  # the icon was clicked off
+            store.delete_rating(reply_id, caller.id, "thumb")
+            return reply_id, gr.update(visible=False), "", None, [], "", "Thumb removed."
         value = 1 if data.liked is True else -1
-        self.ctx.store.set_rating(reply_id, caller.id, "thumb", value)
-        return reply_id, value
+        before = [r for r in store.ratings(reply_id, caller.id) if r.kind == "thumb"]
+        reasons = [r for r in (before[0].reasons if before else []) if r in _reasons(value)]
+        store.set_rating(
+            reply_id, caller.id, "thumb", value, reasons=reasons,
+            comment=before[0].comment if before else "",
+        )  # fmt: skip
+        text = store.get_message(reply_id).content.replace("\n", " ")
+        quote = text[:PANEL_SNIPPET] + ("…" if len(text) > PANEL_SNIPPET else "")
+        heading = (
+            f"**{'👍' if value > 0 else '👎'} saved** for the reply “{quote}”. Why? (optional)"
+        )
+        return (
+            reply_id,
+            gr.update(visible=True),
+            heading,
+            value,
+            gr.update(choices=_reasons(value), value=reasons),
+            before[0].comment if before else "",
+            "",
+        )
+
+    def reasons_for(self, thumb: int | None) -> Any:
+        """The reasons that fit the chosen thumb."""
+        return gr.update(choices=_reasons(thumb), value=[])
 
     @user_errors
     def rate(
@@ -292,7 +365,7 @@ class ChatHandlers:
         """Thumb up (+1) or down (-1) on one of the caller's replies, with reasons and a comment."""
         caller = self.ctx.caller(request, ROLE, "rating replies")
         if not reply_id:  # None, or 0 from an empty number box
-            raise ValidationError("reply: no reply selected; click the thumb icons on one")
+            raise ValidationError("reply: no reply selected; click 👍 or 👎 on a reply first")
         message_id = id_input("reply", reply_id)
         if thumb not in (1, -1):
             raise ValidationError("thumb: choose 👍 Good or 👎 Bad")
@@ -306,12 +379,16 @@ class ChatHandlers:
             reasons=list(reasons or []),
             comment=comment or "",
         )
-        return f"Thanks! Feedback on reply #{message_id} saved."
+        return "Thanks! Your feedback on this reply is saved."
 
     def _agent(self) -> Any:
         if self.ctx.agent is None:
             raise ValidationError("chat: this server runs without a chat model; ask an admin")
         return self.ctx.agent
+
+
+def _reasons(thumb: int | None) -> list[str]:
+    return POSITIVE_REASONS if thumb == 1 else NEGATIVE_REASONS if thumb == -1 else []
 
 
 def _sampling(
@@ -356,21 +433,20 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
                     [], label="Replies to your last message", visible=False, elem_id="chat-siblings"
                 )
                 better = gr.Button("⭐ The shown reply is better", size="sm", elem_id="chat-better")
-            with gr.Accordion("Feedback on a reply", open=True):
-                with gr.Row():
-                    reply_id = number_component(
-                        gr.Number(label="Reply #", interactive=False, scale=1, elem_id="fb-reply"),
-                        "reply",
-                    )
-                    thumb = gr.Radio(THUMBS, label="Verdict", scale=2, elem_id="fb-thumb")
-                reasons = gr.CheckboxGroup(
-                    POSITIVE_REASONS + NEGATIVE_REASONS,
-                    label="Reasons (optional)",
-                    elem_id="fb-reasons",
-                )
+            branches = gr.Dropdown(
+                label="Branches of this conversation (edited and regenerated turns)",
+                choices=[], visible=False, elem_id="chat-branches",
+            )  # fmt: skip
+            # The reply the feedback panel is about: the one whose 👍/👎 was clicked (hidden;
+            # API clients pass it to /chat_rate, and get it back from /chat_send).
+            reply_id = number_component(gr.Number(visible=False, elem_id="fb-reply"), "reply")
+            saved = gr.Markdown(elem_id="fb-status")
+            with gr.Group(visible=False, elem_id="fb-panel") as panel:
+                heading = gr.Markdown(elem_id="fb-heading")
+                thumb = gr.Radio(THUMBS, label="Verdict", elem_id="fb-thumb")
+                reasons = gr.CheckboxGroup([], label="Reasons (optional)", elem_id="fb-reasons")
                 comment = gr.Textbox(label="Comment (optional)", lines=2, elem_id="fb-comment")
                 save = gr.Button("Save feedback", elem_id="fb-save")
-                saved = gr.Markdown(elem_id="fb-status")
             with gr.Accordion("Settings", open=False):
                 system = gr.Textbox(
                     ctx.settings.system_prompt,
@@ -392,15 +468,23 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
     )  # fmt: skip
     regen.click(h.regenerate, [state, *sampling], streamed, api_name="chat_regenerate", **gen)
     chatbot.retry(h.regenerate, [state, *sampling], streamed, api_name="chat_retry", **gen)
-    chatbot.edit(h.edit, [state, *sampling], streamed, api_name="chat_edit", **gen)
+    chatbot.edit(h.edit, [state, *sampling], streamed, api_name="chat_edit", **gen).then(
+        h.selector, [state], [history], api_name=False
+    )
     stop.click(h.stop, None, None, api_name="chat_stop", concurrency_limit=None, queue=False)
-    new.click(h.new_conversation, None, [*streamed[:3], reply_id, history], api_name="chat_new")
+    new.click(h.new_conversation, None, [*streamed, history], api_name="chat_new")
     history.input(h.open_conversation, [history], streamed, api_name="chat_open")
     siblings.input(
         h.show_sibling, [state, siblings], [state, chatbot, reply_id], api_name="chat_show_reply"
     )
+    branches.input(h.open_branch, [state, branches], streamed, api_name="chat_open_branch")
+    state.change(h.on_screen_changed, [state], [branches, panel], api_name=False)
     better.click(h.mark_better, [state], [saved], api_name="chat_mark_better")
-    chatbot.like(h.like, [state], [reply_id, thumb], api_name="chat_like")
+    chatbot.like(
+        h.like, [state], [reply_id, panel, heading, thumb, reasons, comment, saved],
+        api_name="chat_like",
+    )  # fmt: skip
+    thumb.input(h.reasons_for, [thumb], [reasons], api_name=False)
     save.click(
         h.rate,
         [reply_id, thumb, reasons, comment],

@@ -1,5 +1,5 @@
-"""The Dashboard tab (admins): activity, ratings per model, agreement, annotators, arena, models,
-runs.
+"""The Dashboard tab (admins): an overview (activity, ratings per model, agreement, annotators,
+arena, models, runs), Jobs (`feedback_ui.jobs`) and the model lineage (`feedback_ui.lineage`).
 
 Deploy and rollback go through `agent.registry.ModelRegistry`; a running `ChatAgent` serves the
 new version from its next turn. Both handlers check the admin role on the server, so calling
@@ -17,6 +17,8 @@ from agent.errors import ValidationError
 from agent.registry import ModelRegistry
 from feedback_ui import stats
 from feedback_ui.common import UIContext, id_input, number_component, user_errors
+from feedback_ui.jobs import build_jobs_tab
+from feedback_ui.lineage import build_lineage_tab
 
 ROLE = "admin"
 ARENA_BOOTSTRAP = 1000
@@ -115,7 +117,32 @@ def _likert_means(likert: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_dashboard_tab(ctx: UIContext) -> dict[str, Any]:
-    """Lay out the Dashboard tab inside the current Blocks and wire its events."""
+    """Lay out the Dashboard tab (Overview, Jobs, Model lineage) and wire its events; its
+    `load` refreshes all three."""
+    with gr.Tabs():
+        with gr.Tab("Overview", id="dash-overview") as overview_tab:
+            overview = build_overview(ctx)
+        with gr.Tab("Jobs", id="dash-jobs") as jobs_tab:
+            jobs = build_jobs_tab(ctx)
+        with gr.Tab("Model lineage", id="dash-lineage") as lineage_tab:
+            lineage = build_lineage_tab(ctx)
+    parts = [overview["load"], jobs["load"], lineage["load"]]
+    # The job list and curves refresh on a timer, only while the Jobs tab is on screen.
+    jobs_tab.select(lambda: gr.Timer(active=True), None, jobs["timer"], api_name=False).then(
+        jobs["load"][0], None, jobs["load"][1], api_name=False
+    )
+    for other in (overview_tab, lineage_tab):
+        other.select(lambda: gr.Timer(active=False), None, jobs["timer"], api_name=False)
+    lineage_tab.select(lineage["load"][0], None, lineage["load"][1], api_name=False)
+
+    def load(request: gr.Request) -> tuple[Any, ...]:
+        return tuple(value for fn, _ in parts for value in fn(request))
+
+    return {"load": (load, [o for _, outputs in parts for o in outputs])}
+
+
+def build_overview(ctx: UIContext) -> dict[str, Any]:
+    """Lay out Dashboard → Overview inside the current Blocks and wire its events."""
     h = DashboardHandlers(ctx)
     with gr.Row():
         summary = gr.Markdown(elem_id="dash-summary")

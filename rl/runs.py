@@ -12,15 +12,23 @@ A crash marks the row failed with the error, and the run directory keeps its che
 so a resumed job trains on exactly the snapshot it started with; `run.snapshot(sources)` also
 puts back the rating values and comparison choices of the first start (an edit made after
 the cut-off changes nothing a resume trains on).
+
+`rlchat worker` watches the runs a job opens with `watch_runs(hook)`: the hook sees each run
+open and each `log`, and may raise `RunCancelled` to stop the job; the run is then marked
+cancelled and, like a failed one, is resumed from its last checkpoint. Every `log` also
+appends a line to <run dir>/metrics.jsonl, the history the dashboard draws its curves from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +41,47 @@ if TYPE_CHECKING:
     from rl.datasets import Snapshot
 
 log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+"""One JSON object per `Run.log` call: {"step": ..., "time": unix seconds, metric: value, ...}."""
+UNFINISHED = ("running", "failed", "cancelled")
+"""Statuses of a run that `resume` continues."""
+
+RunHook = Callable[["Run", str], None]
+"""Called with (run, event): "open" when a run starts or resumes, "log" after each log,
+"finish" just before it is marked succeeded."""
+_hook: ContextVar[RunHook | None] = ContextVar("rlchat_run_hook", default=None)
+_resume_id: ContextVar[int | None] = ContextVar("rlchat_resume_run", default=None)
+
+
+class RunCancelled(Exception):
+    """Raised by a run hook to stop a job; the run is marked cancelled and stays resumable."""
+
+
+@contextmanager
+def watch_runs(hook: RunHook, resume_run_id: int | None = None) -> Iterator[None]:
+    """Call `hook` on the runs opened inside this block (in this thread); a resumed run of the
+    same kind as `resume_run_id` continues that run rather than the newest unfinished one."""
+    tokens = (_hook.set(hook), _resume_id.set(resume_run_id))
+    try:
+        yield
+    finally:
+        _hook.reset(tokens[0])
+        _resume_id.reset(tokens[1])
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """The metric history a run has logged so far (empty when it logged nothing)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+    return rows
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -48,9 +97,14 @@ def config_dict(config: Any) -> dict[str, Any]:
 class Run:
     """One training run: its row in `training_runs` and its directory under <data_dir>/runs."""
 
-    def __init__(self, store: Store, run_id: int, directory: Path, data_cutoff: datetime) -> None:
+    def __init__(
+        self, store: Store, run_id: int, directory: Path, data_cutoff: datetime, kind: str = ""
+    ) -> None:
         self.store = store
         self.id = run_id
+        self.kind = kind
+        self.step = 0
+        """The step of the newest `log` call."""
         self.dir = directory
         self.data_cutoff = data_cutoff
         self.last_metrics: dict[str, float] = {}
@@ -91,11 +145,20 @@ class Run:
         for key, value in clean.items():
             self.writer.add_scalar(key, value, step)
         self.last_metrics.update(clean)
+        self.step = step
         self.store.update_run(self.id, metrics={**clean, "step": step})
+        with (self.dir / METRICS_FILE).open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        hook = _hook.get()
+        if hook is not None:
+            hook(self, "log")
 
     def finish(
         self, output_version_id: int | None = None, metrics: dict[str, Any] | None = None
     ) -> None:
+        hook = _hook.get()
+        if hook is not None:
+            hook(self, "finish")
         self.store.update_run(
             self.id,
             status="succeeded",
@@ -115,8 +178,10 @@ def training_run(
     """Open (or, with `resume`, reopen) a training run; a failure marks it failed and re-raises."""
     row = None
     if resume:
-        unfinished = [r for r in store.list_runs(kind) if r.status in ("running", "failed")]
-        row = unfinished[-1] if unfinished else None
+        unfinished = [r for r in store.list_runs(kind) if r.status in UNFINISHED]
+        wanted = [r for r in unfinished if r.id == _resume_id.get()]
+        candidates = wanted or unfinished
+        row = candidates[-1] if candidates else None
         if row is None:
             log.warning("no unfinished %s run to resume; starting a new one", kind)
     if row is None:
@@ -127,9 +192,15 @@ def training_run(
     store.update_run(row.id, status="running", error=None, log_path=str(directory))
     if resume:
         log.info("resuming %s run %d from %s", kind, row.id, directory)
-    run = Run(store, row.id, directory, row.data_cutoff or utcnow())
+    run = Run(store, row.id, directory, row.data_cutoff or utcnow(), kind)
     try:
+        hook = _hook.get()
+        if hook is not None:
+            hook(run, "open")
         yield run
+    except RunCancelled as exc:
+        store.update_run(run.id, status="cancelled", error=str(exc), finished_at=utcnow())
+        raise
     except BaseException as exc:
         reason = (
             "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"

@@ -30,6 +30,7 @@ COMMANDS = {
     "simulate": "simulate",
     "pipeline": "pipeline",
     "eval": "evaluate",
+    "worker": "worker",
 }
 
 

@@ -22,6 +22,7 @@ from ui_helpers import PASSWORD, add_people, free_port, make_adapter, seed_chat
 
 from agent.config import Settings
 from agent.registry import ModelRegistry
+from agent.store import jobs
 from agent.store.api import Store
 
 CHROMIUM = "/usr/bin/chromium"
@@ -133,30 +134,48 @@ def shot(page, name: str) -> None:
 
 
 def test_chat_streams_a_reply_and_takes_a_thumbs_down(server, login) -> None:
+    """The selector shows the new conversation as the current one; the reply is rated by its
+    👎 icon, which opens the reasons/comment panel for that reply."""
+    from playwright.sync_api import expect
+
     _, store, people, _ = server
     page = login("alice")
     assert not page.get_by_role("tab", name="Dashboard").is_visible()
+    expect(page.locator("#fb-save")).to_be_hidden()  # the feedback panel opens from an icon
     text = "Hi! <script>window.__xss = 1</script><img src=x onerror='window.__xss = 2'> **bold**"
     page.locator("#chat-input textarea").fill(text)
     page.locator("#chat-send").click()
     page.locator("#chat-bot .message").nth(1).wait_for()  # the reply is streaming in
-    reply_box = page.locator("#fb-reply input")
-    page.wait_for_function("() => Number(document.querySelector('#fb-reply input').value) > 0")
-    reply_id = int(reply_box.input_value())
+    page.wait_for_function("() => document.querySelector('#chat-history input').value !== ''")
     assert page.evaluate("window.__xss") is None  # the markup was rendered inert
     [conv] = [c for c in store.list_conversations(user_id=people.alice)]
     user_msg, reply = store.messages(conv.id)
-    assert user_msg.content == text and reply.id == reply_id and reply.role == "assistant"
+    assert user_msg.content == text and reply.role == "assistant"
+    selector = page.locator("#chat-history input")
+    assert selector.input_value().startswith(f"#{conv.id} ")  # the current conversation
+    shot(page, "chat-selector")
 
-    page.locator("#fb-thumb").get_by_text("Bad").click()
+    page.locator("#chat-bot").get_by_label("Dislike").last.click()
+    expect(page.locator("#fb-save")).to_be_visible()
+    expect(page.locator("#fb-heading")).to_contain_text("👎 saved")
+    thumbs = lambda: [(r.kind, r.value) for r in store.ratings(message_id=reply.id)]  # noqa: E731
+    _wait_for(lambda: thumbs() == [("thumb", -1.0)])  # the thumb alone is stored already
     page.locator("#fb-reasons").get_by_text("too long").click()
     page.locator("#fb-comment textarea").fill("rambles <b>a lot</b>")
+    shot(page, "chat-feedback-panel")
     page.locator("#fb-save").click()
-    page.get_by_text(f"Feedback on reply #{reply_id} saved").wait_for()
-    [rating] = store.ratings(message_id=reply_id)
+    page.get_by_text("Thanks! Your feedback on this reply is saved.").wait_for()
+    [rating] = store.ratings(message_id=reply.id)
     assert (rating.kind, rating.value, rating.rater_id) == ("thumb", -1.0, people.alice)
     assert rating.reasons == ["too long"] and rating.comment == "rambles <b>a lot</b>"
     shot(page, "chat")
+
+
+def _wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
 
 
 def test_annotator_rates_with_the_keyboard(server, login) -> None:
@@ -192,6 +211,11 @@ def test_admin_sees_the_counts(server, login) -> None:
     expect(page.locator("#dash-versions")).to_contain_text("deployed")
     expect(page.locator("#dash-deploy")).to_be_visible()
     shot(page, "dashboard")
+    page.get_by_role("tab", name="Model lineage").click()
+    tree = page.locator("#lineage-tree")
+    expect(tree).to_contain_text("served base")
+    expect(tree.locator("li").nth(1)).to_contain_text(CANDIDATE)  # the SFT under its base
+    shot(page, "lineage")
 
 
 def test_arena_vote_reveals_the_two_models(server, login) -> None:
@@ -218,3 +242,83 @@ def test_arena_vote_reveals_the_two_models(server, login) -> None:
     assert cmp.choice == "b" and a.parent_id == b.parent_id
     assert a.model_version_id != b.model_version_id
     assert store.get_conversation(a.conversation_id).source == "arena"
+
+
+def _prompts(store: Store, n: int = 6) -> None:
+    """User turns for PPO to practise on."""
+    user = store.get_or_create_user("sim-user-ppo").id
+    for i in range(n):
+        conv = store.create_conversation(user, system_prompt="Be brief.")
+        u1 = store.append_message(conv, "user", f"Hello number {i}")
+        a1 = store.append_message(conv, "assistant", "Hi!", u1)
+        store.append_message(conv, "user", f"Tell me about topic {i}", a1)
+
+
+def _step(page) -> int:
+    """The step the running job reports in the job list (0 before the first)."""
+    found = re.search(r"step (\d+)/", page.locator("#jobs-table").inner_text())
+    return int(found.group(1)) if found else 0
+
+
+def test_admin_queues_a_ppo_job_watches_its_curve_and_cancels_it(
+    server, login, tiny_model_dir
+) -> None:
+    from playwright.sync_api import expect
+
+    _, store, people, _ = server
+    _prompts(store)
+    data_dir = Path(store.engine.url.database).parent
+    log = open(data_dir / "worker.log", "w")  # noqa: SIM115 - closed below
+    cmd = [sys.executable, "-m", "rlchat.cli", "--data-dir", str(data_dir), "worker"]
+    worker = subprocess.Popen(
+        [*cmd, "--poll", "0.5"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        page = login("root")
+        page.get_by_role("tab", name="Dashboard").click()
+        page.get_by_role("tab", name="Jobs").click()
+        config = (
+            f"policy: {tiny_model_dir}\nreward: rl.oracles:follow_up\niterations: 500\n"
+            "checkpoint_every: 3\nbatch_size: 4\nmini_batch_size: 2\nmax_new_tokens: 6\n"
+            "heldout_fraction: 0.3\neval_prompts: 2\ndevice: cpu\n"
+        )
+        page.locator("#jobs-yaml textarea").fill(config.replace("iterations: 500", "iteratons: 5"))
+        page.locator("#jobs-queue").click()
+        expect(page.locator("body")).to_contain_text("unknown field(s) iteratons")
+        assert jobs.list_jobs(store) == []  # refused before queueing
+        page.locator("#jobs-yaml textarea").fill(config)
+        page.locator("#jobs-queue").click()
+        expect(page.locator("#jobs-status")).to_contain_text("Queued job #")
+        [job] = jobs.list_jobs(store)
+        row = page.locator(f'#jobs-table tr[data-job="{job.id}"]')
+        expect(row).to_have_attribute("data-status", "running", timeout=120_000)
+        page.wait_for_function(STEP_AT_LEAST, arg=2, timeout=120_000)
+        first = _step(page)
+        line = page.locator("#jobs-curve-0 .mark-line path").first
+        expect(line).to_be_attached()
+        expect(page.locator("#jobs-curve-0")).to_contain_text("reward/mean")
+        drawn = line.get_attribute("d")
+        shot(page, "jobs-running")
+        page.wait_for_function(STEP_AT_LEAST, arg=first + 3, timeout=120_000)
+        assert _step(page) > first
+        _wait_for(lambda: line.get_attribute("d") != drawn)  # the curve grew
+        shot(page, "jobs-curve-grown")
+        page.locator("#jobs-cancel").click()
+        expect(page.locator("#jobs-status")).to_contain_text("stops at its next checkpoint")
+        expect(row).to_have_attribute("data-status", "cancelled", timeout=120_000)
+        shot(page, "jobs-cancelled")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        log.close()
+    job = jobs.get_job(store, job.id)
+    run = store.get_run(job.training_run_id)
+    assert job.status == "cancelled" and run.status == "cancelled"
+    assert list((Path(run.log_path) / "checkpoints").glob("iter-*"))  # resumable
+    assert "resumable from" in (run.error or "")
+
+
+STEP_AT_LEAST = """(n) => {
+  const m = /step (\\d+)\\//.exec(document.querySelector('#jobs-table').innerText);
+  return m !== null && Number(m[1]) >= n;
+}"""

@@ -11,7 +11,7 @@ from ui_helpers import add_people, request_as
 from agent.chat import ChatAgent
 from feedback_ui.auth import Access
 from feedback_ui.chat import ChatHandlers, empty_state
-from feedback_ui.common import UIContext
+from feedback_ui.common import NEGATIVE_REASONS, UIContext
 
 SAMPLING = (0.8, 0.95, 6, 1.1)  # temperature, top_p, max_new_tokens, repetition_penalty
 
@@ -43,6 +43,7 @@ def test_send_streams_and_stores_the_turn(chat) -> None:
     assert len(outputs) >= 4  # at least one partial update before the stored reply
     conversations = outputs[-1][5]["choices"]
     assert conversations == [(f"#{state['conversation_id']} hi there", state["conversation_id"])]
+    assert outputs[-1][5]["value"] == state["conversation_id"]  # shown as the current one
     follow_up = send(chat.h, state, "and then?")[-1][0]
     assert follow_up["path"][:2] == state["path"] and len(follow_up["path"]) == 4
 
@@ -87,9 +88,32 @@ def test_rating_rules(chat) -> None:
     for _ in range(2):  # a double click
         chat.h.rate(reply, -1, ["wrong"], "meh", request_as("alice"))
     like = types.SimpleNamespace(index=1, liked=True, value=None)
-    assert chat.h.like(state, like, request_as("alice")) == (reply, 1)
+    assert chat.h.like(state, like, request_as("alice"))[:4:3] == (reply, 1)
     [rating] = chat.store.ratings()
     assert (rating.kind, rating.value, rating.rater_id) == ("thumb", 1.0, chat.people.alice)
+    assert rating.reasons == [] and rating.comment == "meh"  # "wrong" fits a 👎, not a 👍
+
+
+def test_a_thumb_icon_opens_the_feedback_panel_for_that_reply(chat) -> None:
+    state = send(chat.h, empty_state(), "first")[-1][0]
+    state = send(chat.h, state, "second")[-1][0]
+    older, newest = state["path"][1], state["path"][3]
+    down = types.SimpleNamespace(index=1, liked=False, value=None)  # the older reply's 👎
+    selected, panel, heading, thumb, reasons, comment, _ = chat.h.like(
+        state, down, request_as("alice")
+    )
+    assert selected == older != newest and panel["visible"] is True and thumb == -1
+    assert chat.store.get_message(older).content.split()[0] in heading and "👎" in heading
+    assert reasons["choices"] == NEGATIVE_REASONS and comment == ""
+    chat.h.rate(selected, thumb, ["wrong"], "off topic", request_as("alice"))
+    [rating] = chat.store.ratings(message_id=older)
+    assert (rating.value, rating.reasons, rating.comment) == (-1.0, ["wrong"], "off topic")
+    assert chat.store.ratings(message_id=newest) == []
+    again = chat.h.like(state, down, request_as("alice"))  # reopened: what was said is back
+    assert again[4]["value"] == ["wrong"] and again[5] == "off topic"
+    off = types.SimpleNamespace(index=1, liked="", value=None)  # the icon clicked off
+    assert chat.h.like(state, off, request_as("alice"))[1]["visible"] is False
+    assert chat.store.ratings(message_id=older) == []
 
 
 def test_regenerate_makes_a_sibling_and_the_user_marks_the_better_one(chat) -> None:
@@ -103,8 +127,9 @@ def test_regenerate_makes_a_sibling_and_the_user_marks_the_better_one(chat) -> N
     assert state["path"][0] == chat.store.get_message(second).parent_id
     assert second != first and siblings["visible"] and len(siblings["choices"]) == 2
     assert len(shown) == 2
-    state, _, shown_id = chat.h.show_sibling(state, first, request_as("alice"))
+    state, shown, shown_id = chat.h.show_sibling(state, first, request_as("alice"))
     assert state["path"][1] == first == shown_id
+    assert shown[1]["content"] == chat.store.get_message(first).content
     assert "better than 1" in chat.h.mark_better(state, request_as("alice"))
     [cmp] = chat.store.comparisons()
     assert (cmp.message_a_id, cmp.message_b_id, cmp.choice) == (first, second, "a")
@@ -127,6 +152,30 @@ def test_edit_starts_a_branch(chat) -> None:
     bad = types.SimpleNamespace(index=1, value="not mine", previous_value="")
     with pytest.raises(gr.Error, match="only your own messages"):
         list(chat.h.edit(state, *SAMPLING, bad, request_as("alice")))
+
+
+def test_old_branches_of_edited_and_regenerated_turns_can_be_browsed(chat) -> None:
+    state = send(chat.h, empty_state(), "one")[-1][0]
+    assert chat.h.branches(state)["visible"] is False  # a single branch
+    state = send(chat.h, state, "two")[-1][0]
+    old = state
+    edit = types.SimpleNamespace(index=2, value="two, edited", previous_value="two")
+    state = list(chat.h.edit(state, *SAMPLING, edit, request_as("alice")))[-1][0]
+    state = list(chat.h.regenerate(state, *SAMPLING, request_as("alice")))[-1][0]
+    picker = chat.h.branches(state)
+    labels = [label for label, _ in picker["choices"]]
+    assert picker["visible"] is True and len(labels) == 3 and picker["value"] == state["path"][-1]
+    assert sum("(on screen)" in label for label in labels) == 1
+    assert any("edited message at turn 2" in label and "“two”" in label for label in labels)
+    assert any("other reply at turn 2" in label for label in labels)
+    back, shown, _, last = chat.h.open_branch(state, old["path"][-1], request_as("alice"))
+    assert back["path"] == old["path"] and shown[2] == {"role": "user", "content": "two"}
+    assert last == old["path"][-1]
+    assert chat.h.on_screen_changed(back)[1]["visible"] is False  # the panel closes
+    with pytest.raises(gr.Error, match="belongs to another user"):
+        chat.h.open_branch(state, old["path"][-1], request_as("carol"))
+    with pytest.raises(gr.Error, match="not in this conversation"):
+        chat.h.open_branch(state, 999_999, request_as("alice"))
 
 
 def test_each_user_sees_only_their_own_conversations(chat) -> None:
