@@ -24,7 +24,8 @@ from agent.config import Settings, build_dataclass
 from agent.errors import ConfigError
 from agent.registry import ModelRegistry
 from agent.store.api import Store
-from rl import evaluate, ppo_train, reward, sft
+from rl import evaluate, reward, sft
+from rl import ppo as ppo_train
 from rl.runs import training_run
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import torch
 from agent.modeling import Policy
 from rl.env import DialogueVectorEnv, Prompt
 from rl.ppo import PPOConfig, PPOTrainer
-from rl.ppo_core import (
+from rl.ppo.maths import (
     KLController,
     PPODivergedError,
     RunningMoments,
@@ -24,7 +24,7 @@ from rl.ppo_core import (
     token_rewards,
     value_loss,
 )
-from rl.ppo_policy import reply_mask
+from rl.ppo.modules import reply_mask
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -160,7 +160,12 @@ def test_reply_mask_stops_after_the_first_end_token() -> None:
 
 def small_config(**overrides) -> PPOConfig:
     values = dict(
-        batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, learning_rate=1e-2
+        batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=1,
+        max_new_tokens=8,
+        learning_rate=1e-2,
+        critic_warmup=0,
     )
     return PPOConfig(**{**values, **overrides})
 
@@ -240,7 +245,7 @@ def test_reference_keeps_the_sft_adapter_on(tiny_model_dir: Path, tmp_path: Path
     sft_weights = {
         n: p.clone()
         for n, p in trainer.module.named_parameters()
-        if "lora" in n and ".ppo." not in n
+        if "lora" in n and ".ppo." not in n and ".critic." not in n
     }
     assert sft_weights and not any(
         p.requires_grad for n, p in trainer.module.named_parameters() if n in sft_weights
@@ -248,12 +253,12 @@ def test_reference_keeps_the_sft_adapter_on(tiny_model_dir: Path, tmp_path: Path
     batch = trainer.rollout(CONTEXTS[:4])
     assert torch.allclose(batch.logprobs, batch.ref_logprobs, atol=1e-5)  # ref = base + sft
     with torch.no_grad(), trainer.model.disable_adapter():  # the bare base differs
-        bare, _ = trainer._score(batch.sequences, batch.attention_mask, batch.responses, False)
+        bare = trainer._logprobs(batch.sequences, batch.attention_mask, batch.responses)
     assert not torch.allclose(bare, batch.ref_logprobs, atol=1e-3)
     trainer.update(batch, torch.tensor([1.0, 0.0, 0.0, 1.0]))
     after = trainer.rollout(CONTEXTS[:4])
     with trainer.reference(), torch.no_grad():
-        ref_again, _ = trainer._score(batch.sequences, batch.attention_mask, batch.responses, False)
+        ref_again = trainer._logprobs(batch.sequences, batch.attention_mask, batch.responses)
     assert torch.allclose(ref_again, batch.ref_logprobs, atol=1e-5)  # the reference did not move
     assert not torch.allclose(after.logprobs, after.ref_logprobs, atol=1e-5)  # the policy did
     for n, p in trainer.module.named_parameters():
@@ -267,7 +272,7 @@ def test_save_and_load_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
     envs.reset(seed=0)
     trainer.train_step(envs)
     out = trainer.save(tmp_path / "ppo")
-    assert (out / "adapter_config.json").is_file() and (out / "value_head.safetensors").is_file()
+    assert (out / "adapter_config.json").is_file() and (out / "critic.safetensors").is_file()
     # The adapter directory serves as is: a fresh Policy with it gives the trained logits.
     served = Policy(tiny_model_dir, device="cpu")
     served.set_adapters([out])

@@ -14,8 +14,8 @@ from agent.errors import ConfigError
 from agent.modeling import Policy
 from agent.registry import ModelRegistry
 from agent.store.api import Store
-from rl import ppo_train
 from rl.ppo import PPOTrainer
+from rl.ppo import job as ppo_train
 from rl.runs import Run
 from rlchat.cli import main as cli
 
