@@ -21,6 +21,7 @@ from rl.ppo.maths import (
     masked_mean,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     token_rewards,
     value_loss,
 )
@@ -105,6 +106,20 @@ def test_token_rewards_put_the_score_on_the_last_reply_token() -> None:
     r = token_rewards(torch.tensor([1.0, -2.0]), kl, mask, kl_coef=0.5)
     expected = torch.tensor([[-0.05, -0.1, -0.15 + 1.0], [-0.2, -0.25 - 2.0, 0.0]])
     assert torch.allclose(r, expected)
+
+
+def test_rloo_baseline_leaves_each_reply_out() -> None:
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0, 2.0])  # two contexts, k = 3
+    kl = torch.tensor([[0.5, 0.5]] * 6)
+    mask = torch.tensor([[1.0, 1.0]] * 5 + [[1.0, 0.0]])
+    advantages, returns = rloo_advantages(scores, kl, mask, kl_coef=0.2, k=3)
+    # returns: score - 0.2 * summed KL (0.2 for full replies, 0.1 for the last)
+    expected_returns = torch.tensor([0.8, 1.8, 5.8, -0.2, 3.8, 1.9])
+    assert torch.allclose(returns, expected_returns)
+    # baseline of reply 0 = mean of replies 1 and 2 = 3.8; of reply 3 = (3.8 + 1.9) / 2
+    assert advantages[0].item() == pytest.approx(0.8 - 3.8)
+    assert advantages[3].item() == pytest.approx(-0.2 - 2.85)
+    assert advantages.view(2, 3).sum(1).abs().max() < 1e-5  # centred per context
 
 
 def test_policy_loss_clips_the_ratio() -> None:
@@ -336,12 +351,20 @@ def share_of_e(context: list[dict[str, str]], reply: str) -> float:
 
 
 @pytest.mark.slow
-def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path, algorithm: str) -> None:
     config = PPOConfig(
-        batch_size=16, mini_batch_size=8, max_new_tokens=16, learning_rate=3e-3, kl_coef=0.05
+        algorithm=algorithm,
+        rloo_k=4,
+        batch_size=16,
+        mini_batch_size=8,
+        max_new_tokens=16,
+        learning_rate=3e-3,
+        kl_coef=0.05,
+        normalize_scores=True,  # a raw reward function: the only normalisation
     )
     trainer = PPOTrainer(config, Policy(peaked_model_dir, device="cpu"))
-    envs = DialogueVectorEnv(16, PROMPTS, share_of_e)
+    envs = DialogueVectorEnv(config.num_contexts, PROMPTS, share_of_e)
     envs.reset(seed=0)
     history = [trainer.train_step(envs) for _ in range(40)]
     first = sum(m["reward/mean"] for m in history[:5]) / 5
