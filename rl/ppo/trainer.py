@@ -29,6 +29,7 @@ from agent.modeling import Policy, encode_chat, end_of_turn_ids
 from agent.sampling import generation_config, logprobs_of, sample
 from rl.env import DialogueVectorEnv, Messages, score_batch
 from rl.ppo.config import PPOConfig
+from rl.ppo.distributed import add_to, mean_gradients, mean_metrics
 from rl.ppo.maths import (
     KLController,
     PPODivergedError,
@@ -270,7 +271,7 @@ class PPOTrainer:
                 batch.values, returns, batch.mask
             )
             metrics["value/mean"] = masked_mean(batch.values, batch.mask).item()
-        metrics = self._reduce(metrics)
+        metrics = mean_metrics(self.accelerator, metrics, self.device)
         metrics["kl/coef"] = self.kl_ctl.value
         return metrics
 
@@ -307,10 +308,10 @@ class PPOTrainer:
                     idx = order[m : m + micro]
                     first = epoch == 0 and m == 0  # the sampling policy: measure entropy here
                     if train_policy:
-                        _add(sums, self._policy_backward(batch, idx, advantages, first))
+                        add_to(sums, self._policy_backward(batch, idx, advantages, first))
                     if self.critic_params:
-                        _add(sums, self._critic_backward(batch, idx, returns))
-                _add(sums, self._step(params, train_policy))
+                        add_to(sums, self._critic_backward(batch, idx, returns))
+                add_to(sums, self._step(params, train_policy))
                 n_steps += 1
         self.model.eval()
         once = {}  # with ent_coef 0, entropy was measured once, not per step
@@ -364,7 +365,7 @@ class PPOTrainer:
 
     def _step(self, params: list[torch.nn.Parameter], train_policy: bool) -> dict[str, float]:
         """Average gradients over processes, clip policy and critic each, step; the norms."""
-        self._all_reduce_grads(params)
+        mean_gradients(self.accelerator, params)
         norms = {}
         if train_policy:
             norms["perf/grad_norm"] = float(
@@ -381,24 +382,6 @@ class PPOTrainer:
             )
         self.optimizer.step()
         return norms
-
-    def _all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """The mean gradient over processes, in one collective (no-op in one process)."""
-        if self.accelerator.num_processes == 1 or not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), "mean")
-        for param, chunk in zip(params, flat.split([p.numel() for p in params]), strict=True):
-            param.grad = chunk.view_as(param).clone()
-
-    def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The mean of every metric over processes (one collective)."""
-        if self.accelerator.num_processes == 1:
-            return metrics
-        keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        values = self.accelerator.reduce(values, "mean")
-        return dict(zip(keys, values.tolist(), strict=True))
 
     # ---- saving and resuming ---------------------------------------------------------------
 
@@ -434,8 +417,3 @@ class PPOTrainer:
     def weights_digest(self) -> str:
         """sha256 of the trainable weights (adapters + value head)."""
         return weights_digest(self.module)
-
-
-def _add(sums: dict[str, float], values: dict[str, float]) -> None:
-    for key, value in values.items():
-        sums[key] = sums.get(key, 0.0) + value
