@@ -371,3 +371,6 @@ def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path, algori
     last = sum(m["reward/mean"] for m in history[-5:]) / 5
     assert last > first + 0.2, (first, last)
     assert max(m["kl/mean"] for m in history) < 40.0
+    if algorithm == "ppo":  # the critic learns (the old value probe: +0.10 over iterations 31-40)
+        late = [m["value/explained_variance"] for m in history[-10:]]
+        assert sum(late) / len(late) > 0.2, late
