@@ -59,6 +59,10 @@ def generation_config(
         num_beams=1,
         max_new_tokens=sampling.max_new_tokens,
         min_new_tokens=0,
+        # Lengths come from max/min_new_tokens alone; a set max_length / min_length as well makes
+        # generate() log a warning on every call.
+        max_length=None,
+        min_length=None,
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p,

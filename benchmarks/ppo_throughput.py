@@ -122,6 +122,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from agent.modeling import Policy
     from rl.env import DialogueVectorEnv, Prompt
     from rl.ppo import PPOConfig, PPOTrainer
+    from rl.ppo.job import reward_head
     from rl.reward_model import RewardModel
 
     work = args.work
@@ -134,8 +135,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         learning_rate=args.lr, kl_coef=0.05, missing_eos_penalty=0.0, max_prompt_tokens=128,
     )  # fmt: skip
     policy = Policy(work / "policy")
-    trainer = PPOTrainer(config, policy)
     reward = RewardModel.load(work / "reward", device=policy.device)
+    trainer = PPOTrainer(config, policy, value_init=reward_head(reward, policy))
     envs = DialogueVectorEnv(16, prompts, reward)
     envs.reset(seed=0)
     gen = {"s": 0.0}

@@ -4,7 +4,7 @@
     sft:    {num_epochs: 3}            # fields of rl.sft.Config
     reward: {num_epochs: 2}            # rl.reward.Config
     judge:  {}                         # rl.reward.Config over `reward` (train_split: judge)
-    ppo:    {iterations: 40}           # rl.ppo_train.Config
+    ppo:    {iterations: 40}           # rl.ppo.Config
     eval:   {oracle: follow_up}        # rl.evaluate.Config (gate bounds included)
     deploy: true                       # act on the gate's decision
 
@@ -34,7 +34,8 @@ from agent.registry import ModelRegistry
 from agent.store.api import Store
 from agent.store.models import Conversation
 from agent.store.splits import SplitFractions, assign_splits
-from rl import evaluate, ppo_train, reward, sft
+from rl import evaluate, reward, sft
+from rl import ppo as ppo_train
 from rl.runs import training_run
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class Config:
     judge: dict[str, Any] = field(default_factory=dict)
     """Fields of rl.reward.Config for the judge, over those of `reward` (train_split: judge)."""
     ppo: dict[str, Any] = field(default_factory=dict)
-    """Fields of rl.ppo_train.Config (policy and reward versions are set by the pipeline)."""
+    """Fields of rl.ppo.Config (policy and reward versions are set by the pipeline)."""
     eval: dict[str, Any] = field(default_factory=dict)
     """Fields of rl.evaluate.Config, gate bounds included (versions are set by the pipeline)."""
     deploy: bool = True

@@ -4,7 +4,7 @@
     rlchat worker --once     # run the next queued job, if any, and exit
 
 A job's config is the YAML/--set config of the matching command, and it runs through the
-same entry point: `train sft|reward|ppo` -> `rl.sft|rl.reward|rl.ppo_train.main`, `pipeline`
+same entry point: `train sft|reward|ppo` -> `rl.sft|rl.reward|rl.ppo.main`, `pipeline`
 -> `rl.pipeline.run_pipeline`, `eval` -> `rl.evaluate.run_recorded`, `simulate` ->
 `rl.simulate.simulate`. While it runs, a heartbeat thread renews the job's lease, writes its
 progress and picks up a cancel; `rl.runs.watch_runs` lets the worker see every run the job
@@ -38,7 +38,7 @@ from rl.runs import Run, RunCancelled, watch_runs
 
 log = logging.getLogger(__name__)
 
-TRAIN_MODULES = {"sft": "rl.sft", "reward": "rl.reward", "ppo": "rl.ppo_train"}
+TRAIN_MODULES = {"sft": "rl.sft", "reward": "rl.reward", "ppo": "rl.ppo"}
 """The `rlchat train KIND` modules: each has `Config` and `main(config, settings, resume)`."""
 OTHER_CONFIGS = {"pipeline": "rl.pipeline", "eval": "rl.evaluate", "simulate": "rl.simulate"}
 """Modules whose `Config` the other job kinds take."""

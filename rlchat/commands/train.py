@@ -8,13 +8,13 @@ import importlib
 from rlchat.commands import add_job_config_args, job_config, settings_from
 
 # Each job module has a `Config` dataclass and `main(config, settings, resume=False) -> int`.
-JOBS = {"sft": "rl.sft", "reward": "rl.reward", "ppo": "rl.ppo_train"}
+JOBS = {"sft": "rl.sft", "reward": "rl.reward", "ppo": "rl.ppo"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from the feedback in the database")
     p.add_argument("kind", choices=sorted(JOBS), help="which stage to train")
-    add_job_config_args(p, "the job's config (rl.sft / rl.reward / rl.ppo_train Config)")
+    add_job_config_args(p, "the job's config (rl.sft / rl.reward / rl.ppo Config)")
     p.add_argument(
         "--sources",
         help="conversation sources to train on, e.g. chat,arena or simulated (required when the "

@@ -12,7 +12,7 @@ import torch
 from agent.modeling import Policy
 from rl.env import DialogueVectorEnv, Prompt
 from rl.ppo import PPOConfig, PPOTrainer
-from rl.ppo_core import (
+from rl.ppo.maths import (
     KLController,
     PPODivergedError,
     RunningMoments,
@@ -21,10 +21,11 @@ from rl.ppo_core import (
     masked_mean,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     token_rewards,
     value_loss,
 )
-from rl.ppo_policy import reply_mask
+from rl.ppo.modules import reply_mask
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -107,6 +108,20 @@ def test_token_rewards_put_the_score_on_the_last_reply_token() -> None:
     assert torch.allclose(r, expected)
 
 
+def test_rloo_baseline_leaves_each_reply_out() -> None:
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0, 2.0])  # two contexts, k = 3
+    kl = torch.tensor([[0.5, 0.5]] * 6)
+    mask = torch.tensor([[1.0, 1.0]] * 5 + [[1.0, 0.0]])
+    advantages, returns = rloo_advantages(scores, kl, mask, kl_coef=0.2, k=3)
+    # returns: score - 0.2 * summed KL (0.2 for full replies, 0.1 for the last)
+    expected_returns = torch.tensor([0.8, 1.8, 5.8, -0.2, 3.8, 1.9])
+    assert torch.allclose(returns, expected_returns)
+    # baseline of reply 0 = mean of replies 1 and 2 = 3.8; of reply 3 = (3.8 + 1.9) / 2
+    assert advantages[0].item() == pytest.approx(0.8 - 3.8)
+    assert advantages[3].item() == pytest.approx(-0.2 - 2.85)
+    assert advantages.view(2, 3).sum(1).abs().max() < 1e-5  # centred per context
+
+
 def test_policy_loss_clips_the_ratio() -> None:
     old = torch.zeros(1, 2)
     new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
@@ -160,7 +175,12 @@ def test_reply_mask_stops_after_the_first_end_token() -> None:
 
 def small_config(**overrides) -> PPOConfig:
     values = dict(
-        batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, learning_rate=1e-2
+        batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=1,
+        max_new_tokens=8,
+        learning_rate=1e-2,
+        critic_warmup=0,
     )
     return PPOConfig(**{**values, **overrides})
 
@@ -240,7 +260,7 @@ def test_reference_keeps_the_sft_adapter_on(tiny_model_dir: Path, tmp_path: Path
     sft_weights = {
         n: p.clone()
         for n, p in trainer.module.named_parameters()
-        if "lora" in n and ".ppo." not in n
+        if "lora" in n and ".ppo." not in n and ".critic." not in n
     }
     assert sft_weights and not any(
         p.requires_grad for n, p in trainer.module.named_parameters() if n in sft_weights
@@ -248,12 +268,12 @@ def test_reference_keeps_the_sft_adapter_on(tiny_model_dir: Path, tmp_path: Path
     batch = trainer.rollout(CONTEXTS[:4])
     assert torch.allclose(batch.logprobs, batch.ref_logprobs, atol=1e-5)  # ref = base + sft
     with torch.no_grad(), trainer.model.disable_adapter():  # the bare base differs
-        bare, _ = trainer._score(batch.sequences, batch.attention_mask, batch.responses, False)
+        bare = trainer._logprobs(batch.sequences, batch.attention_mask, batch.responses)
     assert not torch.allclose(bare, batch.ref_logprobs, atol=1e-3)
     trainer.update(batch, torch.tensor([1.0, 0.0, 0.0, 1.0]))
     after = trainer.rollout(CONTEXTS[:4])
     with trainer.reference(), torch.no_grad():
-        ref_again, _ = trainer._score(batch.sequences, batch.attention_mask, batch.responses, False)
+        ref_again = trainer._logprobs(batch.sequences, batch.attention_mask, batch.responses)
     assert torch.allclose(ref_again, batch.ref_logprobs, atol=1e-5)  # the reference did not move
     assert not torch.allclose(after.logprobs, after.ref_logprobs, atol=1e-5)  # the policy did
     for n, p in trainer.module.named_parameters():
@@ -267,7 +287,7 @@ def test_save_and_load_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
     envs.reset(seed=0)
     trainer.train_step(envs)
     out = trainer.save(tmp_path / "ppo")
-    assert (out / "adapter_config.json").is_file() and (out / "value_head.safetensors").is_file()
+    assert (out / "adapter_config.json").is_file() and (out / "critic.safetensors").is_file()
     # The adapter directory serves as is: a fresh Policy with it gives the trained logits.
     served = Policy(tiny_model_dir, device="cpu")
     served.set_adapters([out])
@@ -331,15 +351,26 @@ def share_of_e(context: list[dict[str, str]], reply: str) -> float:
 
 
 @pytest.mark.slow
-def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path, algorithm: str) -> None:
     config = PPOConfig(
-        batch_size=16, mini_batch_size=8, max_new_tokens=16, learning_rate=3e-3, kl_coef=0.05
+        algorithm=algorithm,
+        rloo_k=4,
+        batch_size=16,
+        mini_batch_size=8,
+        max_new_tokens=16,
+        learning_rate=3e-3,
+        kl_coef=0.05,
+        normalize_scores=True,  # a raw reward function: the only normalisation
     )
     trainer = PPOTrainer(config, Policy(peaked_model_dir, device="cpu"))
-    envs = DialogueVectorEnv(16, PROMPTS, share_of_e)
+    envs = DialogueVectorEnv(config.num_contexts, PROMPTS, share_of_e)
     envs.reset(seed=0)
     history = [trainer.train_step(envs) for _ in range(40)]
     first = sum(m["reward/mean"] for m in history[:5]) / 5
     last = sum(m["reward/mean"] for m in history[-5:]) / 5
     assert last > first + 0.2, (first, last)
     assert max(m["kl/mean"] for m in history) < 40.0
+    if algorithm == "ppo":  # the critic learns (the old value probe: +0.10 over iterations 31-40)
+        late = [m["value/explained_variance"] for m in history[-10:]]
+        assert sum(late) / len(late) > 0.2, late

@@ -14,8 +14,8 @@ from agent.errors import ConfigError
 from agent.modeling import Policy
 from agent.registry import ModelRegistry
 from agent.store.api import Store
-from rl import ppo_train
 from rl.ppo import PPOTrainer
+from rl.ppo import job as ppo_train
 from rl.runs import Run
 from rlchat.cli import main as cli
 
@@ -182,13 +182,20 @@ def test_missing_reward_and_policy_are_named(
         ppo_train.load_reward("no_such_module:fn", sqlite_store, torch.device("cpu"))
 
 
-def test_jsonl_prompts_drive_the_job(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_jsonl_prompts_drive_the_job(tiny_model_dir: Path, tmp_path: Path, algorithm: str) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"hi {i}"}) for i in range(8)))
     settings = Settings(data_dir=tmp_path / "data")
     args = [a for a in job_args(tiny_model_dir, prompts=prompts) if a != "--set"]
-    config = load_dataclass(ppo_train.Config, None, [*args, "iterations=1", "eval_prompts=0"])
+    extra = ["iterations=2", "checkpoint_every=1", "eval_prompts=0", f"algorithm={algorithm}"]
+    config = load_dataclass(ppo_train.Config, None, [*args, *extra])
     version_id = ppo_train.main(config, settings)
     store = Store.open(settings)
-    assert store.get_model_version(version_id).kind == "ppo"
+    version = store.get_model_version(version_id)
+    (run,) = store.list_runs("ppo")
     store.close()
+    assert version.kind == "ppo" and run.metrics["step"] == 2
+    assert ("value/explained_variance" in run.metrics) == (algorithm == "ppo")
+    served = Policy(tiny_model_dir, device="cpu")
+    served.set_adapters([version.path])  # the same servable adapter either way

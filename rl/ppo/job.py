@@ -2,11 +2,12 @@
 
     rlchat train ppo --set iterations=200 --set reward=3        # reward model version 3
     rlchat train ppo --set reward=my.oracles:likes_questions    # any (context, reply) -> float
+    rlchat train ppo --set algorithm=rloo --set rloo_k=4          # RLOO instead of PPO
     accelerate launch --num_processes 2 -m rlchat.cli train ppo  # the same job, DDP
 
 Reads the user turns logged up to the run's data cut-off (train split), trains a PPO LoRA
 adapter on top of the starting policy, checkpoints every `checkpoint_every` iterations
-(adapter, value head, optimizer, controllers, random state, environment state), and registers
+(adapters, value head, optimizer, controllers, random state, environment state), and registers
 the result as a `ppo` candidate model version whose parent is the starting policy.
 """
 
@@ -39,8 +40,9 @@ from rl.env import (
     jsonl_prompts,
     score_batch,
 )
-from rl.ppo import PPOConfig, PPOTrainer
-from rl.ppo_core import PPODivergedError
+from rl.ppo.config import PPOConfig
+from rl.ppo.maths import PPODivergedError
+from rl.ppo.trainer import PPOTrainer
 from rl.runs import Run, training_run
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,40 @@ def load_reward(spec: str, store: Store, device: torch.device) -> BatchScorer | 
     return RewardModel.load(versions[-1].path, device=device)
 
 
+def reward_head(
+    reward: BatchScorer | RewardFn, policy: Policy
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The reward model's score head, scaled to its normalised scores, when its shape fits the
+    policy's hidden size (the critic's value head starts from it); None otherwise."""
+    from rl.reward_model import RewardModel
+
+    if not isinstance(reward, RewardModel):
+        return None
+    head = getattr(
+        reward.model, "score", None
+    )  # the head of transformers' *ForSequenceClassification
+    hidden = policy.base_model.config.get_text_config().hidden_size
+    if not isinstance(head, torch.nn.Linear) or head.weight.shape != (1, hidden):
+        log.info("the reward head does not fit the critic (%s); the value head starts at 0", head)
+        return None
+    weight = head.weight.detach().float().cpu() / reward.std
+    bias = head.bias.detach().float().cpu() if head.bias is not None else torch.zeros(1)
+    log.info("the critic's value head starts from the reward model's score head")
+    return weight.to(policy.device), ((bias - reward.mean) / reward.std).to(policy.device)
+
+
+def check_normalisation(config: Config, reward: BatchScorer | RewardFn) -> None:
+    """Scores are normalised once: by the reward model's fixed statistics, or (for a raw reward
+    function) by running moments when asked, never both."""
+    from rl.reward_model import RewardModel
+
+    if config.normalize_scores and isinstance(reward, RewardModel):
+        raise ConfigError(
+            "normalize_scores: the reward model already normalises its scores with fixed "
+            "statistics; a second, running normalisation would drift against kl_coef. Drop it."
+        )
+
+
 def load_prompts(config: Config, store: Store, split: str, cutoff: Any) -> list[Prompt]:
     if config.prompts == "db":  # the conversation's stored split (agent.store.splits)
         return db_prompts(store, split, cutoff=cutoff, sources=config.sources)
@@ -204,6 +240,7 @@ def main(config: Config, settings: Settings, resume: bool = False) -> int:
         registry = ModelRegistry(store, settings)
         base, adapters, parent_id = resolve_policy(config.policy, registry)
         reward = load_reward(config.reward, store, acc.device)
+        check_normalisation(config, reward)
         run_ctx = (
             training_run(store, settings, "ppo", config, resume=resume)
             if acc.is_main_process
@@ -220,8 +257,10 @@ def main(config: Config, settings: Settings, resume: bool = False) -> int:
                 )
             policy = Policy(base, device=acc.device)
             policy.set_adapters(adapters)
-            trainer = PPOTrainer(config, policy, acc)
-            envs = DialogueVectorEnv(config.batch_size, prompts, reward, max_turns=config.max_turns)
+            trainer = PPOTrainer(config, policy, acc, value_init=reward_head(reward, policy))
+            envs = DialogueVectorEnv(
+                config.num_contexts, prompts, reward, max_turns=config.max_turns
+            )
             envs.reset(seed=config.seed + 10_000 * acc.process_index)
             start = _resume(trainer, envs, run_dir) if resume else 0
             _train(config, trainer, envs, run, run_dir, start)

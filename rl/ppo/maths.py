@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from agent.errors import RLChatError
 
@@ -55,18 +54,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 # ---- log-probabilities, entropy, KL ------------------------------------------------------
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under `logits` (B, R, V) for `tokens` (B, R) -> (B, R), in float32."""
-    logits = logits.float()
-    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distributions `logits` (B, R, V) -> (B, R)."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def entropy_of(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 4) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature): (B, R, V) -> (B, R) in fp32, a few rows at a
+    time so no full fp32 (B, R, V) copy exists at once (the same chunking as `logprobs_of`)."""
+    out = []
+    for i in range(0, logits.shape[0], chunk):
+        logp = torch.log_softmax(logits[i : i + chunk].float() / temperature, dim=-1)  # (b, R, V)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out)
 
 
 def kl_estimate(
@@ -117,6 +112,22 @@ def gae(
         advantages[:, t] = last_gae
         next_values = values[:, t]
     return advantages, advantages + values
+
+
+def rloo_advantages(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740).
+
+    Replies come in groups of `k` to the same context (rows i*k .. i*k+k-1). Each reply's return
+    is its score minus kl_coef times its summed per-token KL (the same penalty PPO puts on every
+    token); its baseline is the mean return of the other k - 1 replies to the same context.
+    Returns (advantages (B,), returns (B,)); the advantage applies to every token of the reply.
+    """
+    returns = token_rewards(scores, kl, mask, kl_coef).sum(1)  # (B,)
+    grouped = returns.view(-1, k)  # (B / k, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1), returns
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -229,21 +240,3 @@ class RunningMoments:
             float(state["var"]),
             int(state["count"]),
         )
-
-
-# ---- the value head ------------------------------------------------------------------------
-
-
-class ValueHead(nn.Module):
-    """V(s) from the policy trunk's last hidden state: one linear layer, zero-initialised so the
-    first value estimates are 0 and the first advantages are the returns themselves."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.summary = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.summary.weight)
-        nn.init.zeros_(self.summary.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, R, H) hidden states -> (B, R) values in float32."""
-        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)

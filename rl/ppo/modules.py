@@ -1,0 +1,263 @@
+"""The policy and the critic: two LoRA adapters on one frozen base, switched like the reference.
+
+    policy    = base (+ SFT stack) + adapter "ppo"                -> logits at reply positions
+    critic    = base (+ SFT stack) + adapter "critic" + ValueHead -> a value per reply position
+    reference = base (+ SFT stack)                                -> logits, no adapter of ours
+
+There is one copy of the base weights; `use_adapters` switches which LoRA adapters are active.
+The policy's logits come from the model's own `forward` (`agent.sampling.reply_logits`), so
+soft-capping and logit scaling apply exactly as in sampling, and only the reply positions are
+projected onto the vocabulary. Dropout is off in every module for the whole run
+(`disable_dropout`): PPO's ratios compare two evaluations of the same policy.
+
+A saved PPO adapter is a standard peft directory (adapter_config.json + adapter_model.safetensors,
+keys without the adapter name), so `agent.modeling.Policy.set_adapters([..., dir])` serves it;
+the critic (its adapter and head) is saved beside it for further training.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from agent.sampling import reply_logits
+
+POLICY = "ppo"
+"""The peft name of the policy's trainable adapter."""
+CRITIC = "critic"
+"""The peft name of the critic's trainable adapter."""
+CRITIC_FILE = "critic.safetensors"
+"""The critic's adapter and value head, beside the policy adapter's files."""
+HEAD_PREFIX = "value_head."
+"""Key prefix of the value head's weights in CRITIC_FILE."""
+
+
+class ValueHead(nn.Module):
+    """V(s) from the critic's last hidden state: one linear layer, zero-initialised unless it is
+    given the reward model's score head (`init_from`)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Copy a (1, H) weight and (1,) bias, e.g. the reward model's normalised score head."""
+        self.summary.weight.copy_(weight.reshape(self.summary.weight.shape))
+        self.summary.bias.copy_(bias.reshape(self.summary.bias.shape))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, R, H) hidden states -> (B, R) values in float32."""
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1).float()
+
+
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate()` counts them: (B, T) -> (B, T)."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+class ActorCritic(nn.Module):
+    """The peft model and the value head as one module; `part` picks what a forward computes.
+
+    The caller makes the part's adapters active (`use_adapters`) around the forward *and* its
+    backward, so gradient checkpointing recomputes under the same adapters.
+    """
+
+    def __init__(self, model: nn.Module, value_head: ValueHead) -> None:
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+
+    def forward(
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor, n_reply: int, part: str
+    ) -> torch.Tensor:
+        """part "policy": logits (B, R, V) predicting the last `n_reply` tokens; "critic": values
+        (B, R) of the states before each of them."""
+        position_ids = position_ids_of(attention_mask)
+        if part == "policy":
+            return reply_logits(
+                self.model, sequences, attention_mask, n_reply, position_ids=position_ids
+            )
+        decoder = self.model.get_base_model().get_decoder()
+        hidden = decoder(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, T, H)
+        return self.value_head(hidden[:, -n_reply - 1 : -1])  # (B, R)
+
+
+@dataclass
+class Rollout:
+    """One batch of generated replies and what the policy, reference and critic said about them."""
+
+    sequences: torch.Tensor  # (B, P + R) left-padded prompt, then the reply
+    attention_mask: torch.Tensor  # (B, P + R)
+    responses: torch.Tensor  # (B, R)
+    mask: torch.Tensor  # (B, R) float: 1 up to and including the first end-of-turn token
+    ended: torch.Tensor  # (B,) bool: the reply ended by itself
+    logprobs: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor  # (B, R)
+    values: torch.Tensor  # (B, R); (B, 0) without a critic (RLOO)
+    replies: list[str]
+    seconds: float
+
+
+def left_pad(
+    rows: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left -> (input_ids, attention_mask), both (B, P)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attn[i, width - len(row) :] = 1
+    return ids.to(device), attn.to(device)
+
+
+def reply_mask(responses: torch.Tensor, end_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (B, R) float, ended (B,) bool): tokens up to and including the first end token."""
+    is_end = torch.isin(responses, torch.tensor(end_ids, device=responses.device))
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end
+    return (~after_end).float(), is_end.any(1)
+
+
+# ---- adapters ------------------------------------------------------------------------------
+
+
+def add_adapters(model: nn.Module, lora: Any, names: list[str]) -> tuple[nn.Module, list[str]]:
+    """Put fresh trainable LoRA adapters `names` (peft `LoraConfig` `lora`) on the model, above
+    its active adapters (the SFT stack, kept frozen). Returns the peft model and the stack below.
+    """
+    from peft import PeftModel, get_peft_model
+
+    below: list[str] = []
+    if isinstance(model, PeftModel):
+        below = list(model.base_model.active_adapters)
+        model.add_adapter(names[0], lora)
+    else:
+        model = get_peft_model(model, lora, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, lora)
+    return model, below
+
+
+def set_trainable(model: nn.Module, trainable: list[str]) -> None:
+    """Exactly the parameters of the adapters `trainable` require gradients."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(f".{a}." in name for a in trainable))
+
+
+@contextmanager
+def use_adapters(model: nn.Module, active: list[str], trainable: list[str]) -> Iterator[None]:
+    """Inside, exactly `active` adapters apply (none: the bare base); afterwards the previous
+    ones do. `trainable` keep requiring gradients throughout (peft's switch would freeze them).
+    """
+    before = list(model.base_model.active_adapters)
+    try:
+        if active:
+            model.base_model.set_adapter(active)
+            set_trainable(model, trainable)
+            yield
+        else:
+            with model.disable_adapter():
+                yield
+    finally:
+        model.base_model.set_adapter(before)
+        set_trainable(model, trainable)
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout in `model` to 0 (base layers, attention, LoRA adapters) for good.
+
+    Modules hold dropout as `nn.Dropout` layers (GPT-2, peft's lora_dropout) or as a float
+    `attention_dropout` passed to the attention kernel (Llama, Qwen, Gemma); both are zeroed.
+    Returns how many were non-zero.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        rate = module.__dict__.get("attention_dropout")
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout, changed = 0.0, changed + 1
+    return changed
+
+
+# ---- saving and loading --------------------------------------------------------------------
+
+
+def save_ppo(model: nn.Module, value_head: ValueHead | None, out_dir: str | Path) -> Path:
+    """Write the policy adapter (a standalone LoRA adapter dir) and, unless `value_head` is
+    None (RLOO), the critic's adapter and head to `out_dir`."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = get_peft_model_state_dict(model, adapter_name=POLICY, save_embedding_layers=False)
+    save_file(_cpu(policy), out / "adapter_model.safetensors")
+    config = copy.deepcopy(model.peft_config[POLICY])
+    config.inference_mode = True
+    config.save_pretrained(str(out))
+    if value_head is not None:
+        critic = get_peft_model_state_dict(model, adapter_name=CRITIC, save_embedding_layers=False)
+        head = {HEAD_PREFIX + k: v for k, v in value_head.state_dict().items()}
+        save_file(_cpu({**critic, **head}), out / CRITIC_FILE)
+    return out
+
+
+def load_ppo(model: nn.Module, value_head: ValueHead | None, src: str | Path) -> None:
+    """Load weights written by `save_ppo` into the policy (and critic) adapters and the head."""
+    from safetensors.torch import load_file
+
+    src = Path(src)
+    device = str(next(model.parameters()).device)
+    _load_adapter(model, POLICY, load_file(src / "adapter_model.safetensors", device=device), src)
+    if value_head is None:
+        return
+    if not (src / CRITIC_FILE).is_file():
+        raise ValueError(f"{src}: no {CRITIC_FILE}; it was saved without a critic (by RLOO?)")
+    critic = load_file(src / CRITIC_FILE, device=device)
+    head = {k[len(HEAD_PREFIX) :]: v for k, v in critic.items() if k.startswith(HEAD_PREFIX)}
+    adapter = {k: v for k, v in critic.items() if not k.startswith(HEAD_PREFIX)}
+    _load_adapter(model, CRITIC, adapter, src)
+    value_head.load_state_dict(head)
+
+
+def _load_adapter(model: nn.Module, name: str, weights: dict[str, torch.Tensor], src: Path) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, weights, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{src}: the saved {name} adapter does not match this model "
+            f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})"
+        )
+
+
+def _cpu(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every trainable parameter, in name order (equal on every DDP rank)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
