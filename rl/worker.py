@@ -44,8 +44,9 @@ OTHER_CONFIGS = {"pipeline": "rl.pipeline", "eval": "rl.evaluate", "simulate": "
 """Modules whose `Config` the other job kinds take."""
 CHECKPOINTING = ("sft", "reward", "ppo")
 """Run kinds that write checkpoints; a cancel waits for the next one."""
-PIPELINE_STAGES = {"sft": 0, "reward": 1, "ppo": 2, "eval": 3}
-"""A pipeline's stage runs, in order, out of five stages (deploy is the fifth)."""
+PIPELINE_STAGES = {"sft": 0, "reward": 1, "judge": 2, "ppo": 3, "eval": 4}
+"""A pipeline's stage runs, in order, out of six stages (deploy is the sixth). The judge is a
+reward run on the judge split."""
 
 
 @dataclass
@@ -167,6 +168,7 @@ class JobWatcher:
         self.cancel = threading.Event()
         self.current: Run | None = None
         self._totals: dict[int, int] = {}  # run id -> its number of steps, when known
+        self._stages: dict[int, str] = {}  # run id -> its pipeline stage
         self._checkpoint_at_cancel: dict[int, str | None] = {}
 
     def on_run(self, run: Run, event: str) -> None:
@@ -199,11 +201,23 @@ class JobWatcher:
             self._totals[run.id] = int(config.get("iterations") or config.get("max_steps") or 0)
         return max(self._totals[run.id], 0)
 
+    def _stage(self, run: Run) -> str:
+        """The pipeline stage of `run`: its kind, or "judge" for a reward run on the judge split."""
+        if run.id not in self._stages:
+            judge = run.kind == "reward" and (
+                run.store.get_run(run.id).config.get("train_split") == "judge"
+            )
+            self._stages[run.id] = "judge" if judge else run.kind
+        return self._stages[run.id]
+
     def _report(self, run: Run) -> None:
         total = self._total(run)
         fraction = min(run.step / total, 1.0) if total else None
-        if self.kind == "pipeline" and run.kind in PIPELINE_STAGES:
-            self.progress = (PIPELINE_STAGES[run.kind] + (fraction or 0.0)) / 5
+        stage = self._stage(run)
+        if self.kind == "pipeline" and stage in PIPELINE_STAGES:
+            self.progress = (PIPELINE_STAGES[stage] + (fraction or 0.0)) / (
+                len(PIPELINE_STAGES) + 1
+            )
         elif fraction is not None:
             self.progress = fraction
         quoted = [(k, v) for k, v in run.last_metrics.items() if k.split("/")[0] in QUOTED]

@@ -391,7 +391,7 @@ def test_failed_generation_keeps_the_user_message_and_the_error(env, monkeypatch
 
 
 def test_chat_command_reads_piped_lines(env, sqlite_settings, monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n/new\nsecond chat\n/quit\nignored\n"))
+    monkeypatch.setattr("sys.stdin", _stdin("hello\n\n/new\nsecond chat\n/quit\nignored\n"))
     args = ["--data-dir", str(sqlite_settings.data_dir), "chat", "--max-new-tokens", "6"]
     assert cli_main([*args, "--user", "carol", "--seed", "0"]) == 0
     assert capsys.readouterr().out.count("bot> ") == 2
@@ -402,6 +402,11 @@ def test_chat_command_reads_piped_lines(env, sqlite_settings, monkeypatch, capsy
 
 
 def test_chat_command_without_deployed_model_exits_2(sqlite_settings, monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    monkeypatch.setattr("sys.stdin", _stdin("hello\n"))
     assert cli_main(["--data-dir", str(sqlite_settings.data_dir), "chat"]) == 2
     assert "rlchat starter build" in capsys.readouterr().err
+
+
+def _stdin(text: str) -> io.TextIOWrapper:
+    """A piped stdin: text over bytes, as `rlchat chat` reads it (through `.buffer`)."""
+    return io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="utf-8")

@@ -280,7 +280,7 @@ def test_admin_queues_a_ppo_job_watches_its_curve_and_cancels_it(
         config = (
             f"policy: {tiny_model_dir}\nreward: rl.oracles:follow_up\niterations: 500\n"
             "checkpoint_every: 3\nbatch_size: 4\nmini_batch_size: 2\nmax_new_tokens: 6\n"
-            "heldout_fraction: 0.3\neval_prompts: 2\ndevice: cpu\n"
+            "eval_prompts: 2\ndevice: cpu\n"
         )
         page.locator("#jobs-yaml textarea").fill(config.replace("iterations: 500", "iteratons: 5"))
         page.locator("#jobs-queue").click()

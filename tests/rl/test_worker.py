@@ -42,7 +42,6 @@ def ppo_config(tiny_model_dir: Path, **extra: object) -> dict[str, object]:
         batch_size=4,
         mini_batch_size=2,
         max_new_tokens=6,
-        heldout_fraction=0.3,
         eval_prompts=2,
         device="cpu",
     )
