@@ -424,15 +424,6 @@ def build_starter(
     return StarterResult(version_id=version_id, path=path, metrics=metrics, samples=samples)
 
 
-def ensure_starter(settings: Settings, store: Store, size: str = "small") -> int:
-    """The id of the newest `base` version; builds the starter (size `size`) when there is none."""
-    bases = store.list_model_versions("base")
-    if bases:
-        return bases[-1].id
-    log.info("no base model registered: building the %s starter model", size)
-    return build_starter(StarterConfig(size=size), settings, store).version_id
-
-
 @contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """Run with `n` torch CPU threads (0: leave the setting alone), restoring it afterwards."""

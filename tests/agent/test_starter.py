@@ -11,7 +11,7 @@ from agent.config import Settings
 from agent.errors import ConfigError
 from agent.modeling import encode_chat, load_base, load_tokenizer
 from agent.registry import ModelRegistry
-from agent.starter import StarterConfig, build_starter, ensure_starter, split_conversations
+from agent.starter import StarterConfig, build_starter, split_conversations
 from agent.store.api import Store
 from agent.tiny import chitchat_conversations, encode_turns, pack_rows, to_messages
 from rlchat.cli import main as cli
@@ -114,8 +114,7 @@ def test_tiny_build_learns_and_registers(sqlite_settings: Settings, sqlite_store
     prompt = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": "hi"}])])
     assert model.generate(prompt, max_new_tokens=5, do_sample=False).shape[1] > prompt.shape[1]
 
-    # A base exists now: ensure and `starter build` without --force both reuse it.
-    assert ensure_starter(sqlite_settings, sqlite_store) == result.version_id
+    # A starter of this size exists now: `starter build` without --force reuses it.
     argv = ["--data-dir", str(sqlite_settings.data_dir), "starter", "build", "--size", "tiny"]
     assert cli(argv) == 0
     assert len(sqlite_store.list_model_versions("base")) == 1
