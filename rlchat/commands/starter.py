@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out loss {m['eval/loss_initial']:.3f} -> {m['eval/loss']:.3f} "
           f"(perplexity {m['eval/perplexity']:.1f}) after {m['steps']} steps, "
           f"{m['perf/wall_s'] / 60:.1f} min")  # fmt: skip
+    print(f"held-out replies: {m['heldout/bits_per_char']:.3f} bits/char; a Witten-Bell trigram "
+          f"on the same tokens: {m['baseline/trigram_bits_per_char']:.3f}")  # fmt: skip
     for prompt, reply in result.samples:
         print(f"  user: {prompt}\n  bot:  {reply}")
     return 0

