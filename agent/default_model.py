@@ -278,10 +278,34 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+    add_pad_token(model, tokenizer)
     out_dir.mkdir(parents=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def add_pad_token(model: Any, tokenizer: Any) -> None:
+    """Give the saved folder its distinct PAD token (SmolLM2 ships PAD == EOS) once, here.
+
+    Done at conversion rather than at each load so that the base's vocabulary already has it:
+    a LoRA adapter trained on a base resized at load time would have to carry the whole
+    embedding matrix (peft saves resized embeddings). The new row is the mean embedding, so
+    with tied weights its logit is an average token's: generation practically never picks it.
+    """
+    import torch
+
+    from agent.modeling import prepare_tokenizer
+
+    prepare_tokenizer(tokenizer)
+    old = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[old:] = weight[:old].mean(dim=0)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def check_folder(folder: Path) -> None:

