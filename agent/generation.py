@@ -166,6 +166,7 @@ def generate_batch(
             max_new_tokens=max_new_tokens,
             eos_token_id=ends,
             pad_token_id=pad,
+            suppress_tokens=[pad],  # PAD is never a reply token
             **sampling.generate_kwargs(),
         )  # (B, T + new)
     latency_ms = (time.perf_counter() - t0) * 1000
@@ -257,6 +258,7 @@ class _Job:
                     max_new_tokens=self.max_new_tokens,
                     eos_token_id=end_of_turn_ids(tokenizer),
                     pad_token_id=tokenizer.pad_token_id,
+                    suppress_tokens=[tokenizer.pad_token_id],
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(stops)]),
                     streamer=streamer,
                     **self.sampling.generate_kwargs(),
