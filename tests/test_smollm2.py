@@ -28,6 +28,11 @@ pytestmark = pytest.mark.e2e
 FRANCE = [{"role": "user", "content": "what is the capital of france?"}]
 
 
+def longer_is_better(context: list[dict[str, str]], reply: str) -> float:
+    """The simulation's oracle: graded by length, so sibling replies rarely tie."""
+    return min(1.0, len(reply.strip()) / 60)
+
+
 def rlchat(data_dir: Path, *args: str) -> None:
     assert cli(["--data-dir", str(data_dir), *args]) == 0, args
 
@@ -58,11 +63,12 @@ def test_every_stage_runs_on_smollm2(tmp_path: Path) -> None:
     rlchat(data, "starter", "ensure")
     assert len(store.list_model_versions("base")) == 1
 
-    rlchat(data, "simulate", "--users", "12", "--set", "turns=1", "--set", "replies=2",
-           "--set", "max_new_tokens=12", "--set", "annotators=2")  # fmt: skip
+    rlchat(data, "simulate", "--users", "24", "--oracle", "tests.test_smollm2:longer_is_better",
+           "--set", "turns=1", "--set", "replies=2", "--set", "max_new_tokens=16",
+           "--set", "annotators=2", "--set", "noise=0")  # fmt: skip
     common = ["--set", "device=cpu", "--set", "eval_steps=1", "--set", "save_steps=1"]
     rlchat(data, "train", "sft", *common, "--set", "max_steps=2", "--set", "batch_size=4",
-           "--set", "min_examples=1")  # fmt: skip
+           "--set", "min_examples=1", "--set", "signals=[thumb]", "--set", "heldout_fraction=0.3")  # fmt: skip
     sft = newest(store, "sft")
     rlchat(data, "train", "reward", *common, "--set", "max_steps=2", "--set", "batch_size=4",
            "--set", "min_pairs=1", "--set", "early_stopping_patience=0")  # fmt: skip
