@@ -314,8 +314,8 @@ class ChatAgent:
             deployed = self.store.deployed_version()
             if deployed is None:
                 raise NotFoundError(
-                    "no model is deployed: run `rlchat starter build` to build and deploy the "
-                    "starter model, or `rlchat models deploy ID`"
+                    "no model is deployed: run `rlchat starter ensure` to fetch and deploy the "
+                    "default model (SmolLM2), or `rlchat models deploy ID`"
                 )
             version_id = deployed.id
         if version_id not in self._specs:

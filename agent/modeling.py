@@ -99,8 +99,8 @@ def _not_found(name_or_path: str, hub_error: str) -> NotFoundError:
         f"model {name_or_path!r} not found. Looked for: the local directory {local} "
         f"({'exists but has no config.json' if local.is_dir() else 'does not exist'}); "
         f"the Hugging Face hub id {name_or_path!r} ({hub_error}). Give a directory holding a "
-        "saved model, a hub id that is cached or reachable, or build the offline starter model "
-        "with `rlchat starter build`."
+        "saved model, a hub id that is cached or reachable, or fetch the offline default model "
+        "with `rlchat starter ensure`."
     )
 
 
