@@ -273,7 +273,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         ) from exc
     # save_pretrained refuses a model loaded from GGUF: rebuild it from its config.
     model_config = loaded.config
-    model_config.quantization_config = None
+    model_config.quantization_config = None  # a plain float model now: drop the GGUF marker
     del model_config.quantization_config
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
