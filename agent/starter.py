@@ -36,7 +36,9 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from agent.config import Settings
 from agent.errors import ConfigError
+from agent.heldout import EVAL_CONVERSATIONS, reply_metrics
 from agent.modeling import encode_chat, pick_device
+from agent.ngram import trigram_reply_metrics
 from agent.store.api import Store
 from agent.tiny import (
     chitchat_conversations,
@@ -378,6 +380,10 @@ def train_starter(config: StarterConfig) -> tuple[LlamaForCausalLM, PreTrainedTo
     )
     model = LlamaForCausalLM(model_config).to(device)
     metrics = train(model, train_rows, held_rows, config, device)
+    # Comparable across tokenizers and with counting: bits per character of held-out replies.
+    held = held_convs[:EVAL_CONVERSATIONS]
+    metrics |= reply_metrics(model, tokenizer, held)
+    metrics |= trigram_reply_metrics(tokenizer, train_convs, held)
     metrics.update(
         {
             "params": model.num_parameters(),
@@ -422,15 +428,6 @@ def build_starter(
     store.update_run(run_id, status="succeeded", metrics=metrics, output_version_id=version_id)
     path = Path(registry.get(version_id).path)
     return StarterResult(version_id=version_id, path=path, metrics=metrics, samples=samples)
-
-
-def ensure_starter(settings: Settings, store: Store, size: str = "small") -> int:
-    """The id of the newest `base` version; builds the starter (size `size`) when there is none."""
-    bases = store.list_model_versions("base")
-    if bases:
-        return bases[-1].id
-    log.info("no base model registered: building the %s starter model", size)
-    return build_starter(StarterConfig(size=size), settings, store).version_id
 
 
 @contextmanager

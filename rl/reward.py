@@ -36,7 +36,7 @@ from agent.modeling import default_dtype, load_tokenizer, pick_device
 from agent.registry import ModelRegistry
 from agent.store.api import Store
 from rl.datasets import PreferenceData, PreferenceOptions, build_preference_data
-from rl.reward_model import RewardModel
+from rl.reward_model import RewardModel, tokenize_pairs
 from rl.runs import Run, training_run
 from rl.sft import (
     JobConfig,
@@ -243,8 +243,8 @@ def _train(
     trainer = _trainer_class()(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.heldout),
+        train_dataset=Dataset.from_list(tokenize_pairs(tokenizer, data.train)),
+        eval_dataset=Dataset.from_list(tokenize_pairs(tokenizer, data.heldout)),
         processing_class=tokenizer,
         peft_config=lora_config(config, model, "SEQ_CLS") if config.lora else None,
         callbacks=[RunLogger(run), *extra, *callbacks],

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from agent.errors import NotFoundError, ValidationError
-from agent.modeling import default_dtype, load_tokenizer, pick_device
+from agent.modeling import default_dtype, encode_chat, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,26 @@ STATS_FILE = "reward_stats.json"
 """Mean, std and max_length of a saved reward model, next to its weights."""
 
 Chat = list[dict[str, str]]
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, context: Chat, reply: str) -> list[int]:
+    """Token ids of context + assistant reply; contents stay text (see `encode_chat`)."""
+    chat = [*context, {"role": "assistant", "content": reply}]
+    return encode_chat(tokenizer, chat, add_generation_prompt=False)
+
+
+def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]) -> list[dict]:
+    """Preference rows ({"prompt", "chosen", "rejected", "margin"}) with `chosen_ids` and
+    `rejected_ids` added, so TRL's RewardTrainer trains on exactly what `score` encodes and
+    never re-tokenises message text (where `<|im_end|>` would become a special token)."""
+    return [
+        {
+            **row,
+            "chosen_ids": encode_pair(tokenizer, row["prompt"], row["chosen"][-1]["content"]),
+            "rejected_ids": encode_pair(tokenizer, row["prompt"], row["rejected"][-1]["content"]),
+        }
+        for row in rows
+    ]
 
 
 class RewardModel:
@@ -88,9 +108,7 @@ class RewardModel:
 
     def encode(self, context: Chat, reply: str) -> list[int]:
         """Token ids of context + reply, as the trainer saw them; the start is cut when too long."""
-        chat = [*context, {"role": "assistant", "content": reply}]
-        ids = self.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
-        return list(ids)[-self.max_length :]
+        return encode_pair(self.tokenizer, context, reply)[-self.max_length :]
 
     @torch.no_grad()
     def score(

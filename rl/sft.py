@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from agent.config import Settings
 from agent.errors import ConfigError, ValidationError
-from agent.modeling import load_base, pick_device
+from agent.modeling import encode_chat, load_base, pick_device
 from agent.registry import ModelRegistry
 from agent.store.api import Store
 from rl.datasets import SFTDataOptions, build_sft_data
@@ -289,12 +289,16 @@ def _train(
     device = pick_device(config.device)
     set_seed(config.seed)
     model, tokenizer = load_base(start.base, device=device)
-    args = SFTConfig(**training_args(config, run, device), completion_only_loss=True)
+    max_length = fit_max_length(config.max_length, model)
+    args = SFTConfig(
+        **{**training_args(config, run, device), "max_length": max_length},
+        completion_only_loss=True,
+    )
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.heldout),
+        train_dataset=Dataset.from_list(tokenize_rows(tokenizer, data.train)),
+        eval_dataset=Dataset.from_list(tokenize_rows(tokenizer, data.heldout)),
         processing_class=tokenizer,
         peft_config=lora_config(config, model, "CAUSAL_LM"),
         callbacks=[RunLogger(run), *callbacks],
@@ -323,6 +327,35 @@ def _train(
     )
     run.finish(output_version_id=version_id, metrics=metrics)
     return version_id
+
+
+def fit_max_length(max_length: int, model: torch.nn.Module) -> int:
+    """`max_length`, cut to the model's context window (a row longer than it cannot be trained)."""
+    window = model.config.max_position_embeddings
+    if max_length > window:
+        log.info("max_length %d is longer than the model's window: using %d", max_length, window)
+    return min(max_length, window)
+
+
+def tokenize_rows(tokenizer: Any, rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """Prompt-completion rows as `input_ids` and `completion_mask`, tokenised by `encode_chat`.
+
+    Tokenised here rather than by TRL so that message contents stay text: a reply or prompt
+    holding `<|im_end|>` or `<|system|>` trains on those characters, never on the special ids.
+    """
+    out = []
+    for row in rows:
+        prompt_ids = encode_chat(tokenizer, row["prompt"], add_generation_prompt=True)
+        ids = encode_chat(tokenizer, row["prompt"] + row["completion"], add_generation_prompt=False)
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise ValidationError(
+                "the chat template renders a conversation differently from its prompt with the "
+                "assistant prompt added, so the reply tokens cannot be found; give the model a "
+                "chat template whose generation prompt is a prefix of the assistant turn"
+            )
+        completion_mask = [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
+        out.append({"input_ids": ids, "completion_mask": completion_mask})
+    return out
 
 
 def check_enough(train: list, heldout: list, needed: int, what: str, purpose: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from agent.chat import ChatAgent, SamplingParams
+from agent.chat import BatchRequest, ChatAgent, ReplyChunk, SamplingParams
 from agent.config import Settings
 from agent.errors import ConfigError, ValidationError
 from agent.store.api import ComparisonIn, RatingIn, Store
@@ -58,11 +59,13 @@ class Config:
     """Reply length limit of the simulated chats."""
     temperature: float = 1.0
     """Sampling temperature of the simulated chats (variety between siblings)."""
+    batch_size: int = 16
+    """Replies generated together, left-padded, in one `generate` call."""
     seed: int = 0
     """Seed of the prompt choice, the sampling and the noise."""
 
     def __post_init__(self) -> None:
-        for name in ("users", "turns", "replies", "annotators", "overlap"):
+        for name in ("users", "turns", "replies", "annotators", "overlap", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.overlap > self.annotators:
@@ -106,37 +109,68 @@ def _judge_pair(score_a: float, score_b: float, flip: bool) -> str:
     return "a" if a_wins else "b"
 
 
-def run_chats(config: Config, agent: ChatAgent, store: Store, rng: random.Random) -> list[int]:
-    """Each simulated user chats; returns the conversation ids."""
+def run_chats(
+    config: Config, agent: ChatAgent, store: Store, rng: random.Random
+) -> tuple[list[int], int]:
+    """Each simulated user chats; returns the conversation ids and the number of replies.
+
+    Turn by turn, every user's line is answered in batches of `batch_size` (one `generate`
+    per batch, through `ChatAgent.reply_batch`, which stores turns as the chat does), then
+    the regenerations likewise; each user thumbs their first reply and continues from the
+    one they like best.
+    """
     name, oracle = load_oracle(config.oracle)
     scripts = load_user_lines(config, config.users)
-    conversations = []
-    for i in tqdm(range(config.users), desc="simulated chats", unit="user"):
-        user = store.get_or_create_user(f"sim-user-{i}", "user")
-        conv = agent.new_conversation(user.id, source="simulated", meta={"oracle": name})
-        conversations.append(conv)
-        parent = None
-        for line in scripts[i][: config.turns]:
-            sampling = SamplingParams(
-                max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature,
-                seed=rng.randrange(2**31),
-            )
-            first = agent.reply(conv, line, parent_id=parent, sampling=sampling)
-            replies = [first.assistant_message_id]
-            for _ in range(config.replies - 1):
-                sampling.seed = rng.randrange(2**31)
-                *_, last = agent.regenerate(first.assistant_message_id, sampling=sampling)
-                replies.append(last.assistant_message_id)
-            context = store.path(first.user_message_id)
+    users = [store.get_or_create_user(f"sim-user-{i}", "user") for i in range(config.users)]
+    conversations = [
+        agent.new_conversation(u.id, source="simulated", meta={"oracle": name}) for u in users
+    ]
+    parents: list[int | None] = [None] * config.users
+    total = sum(min(len(s), config.turns) for s in scripts) * config.replies
+    bar = tqdm(total=total, desc="simulated replies", unit="reply")
+    made = 0
+    for turn in range(config.turns):
+        active = [i for i in range(config.users) if turn < len(scripts[i])]
+        requests = [BatchRequest(conversations[i], scripts[i][turn], parents[i]) for i in active]
+        siblings = [[c] for c in _in_batches(agent, requests, config, rng, bar)]
+        for _ in range(config.replies - 1):
+            again = [BatchRequest(regenerate_id=s[0].assistant_message_id) for s in siblings]
+            for group, chunk in zip(
+                siblings, _in_batches(agent, again, config, rng, bar), strict=True
+            ):
+                group.append(chunk)
+        made += sum(len(s) for s in siblings)
+        for i, group in zip(active, siblings, strict=True):
+            context = store.path(group[0].user_message_id)
             chat = [{"role": m.role, "content": m.content} for m in context]
-            scored = [(oracle(chat, store.get_message(r).content), r) for r in replies if r]
-            # The user thumbs their first reply, then continues from the one they like best.
+            scored = [(oracle(chat, c.text), c.assistant_message_id) for c in group]
             flip = rng.random() < config.noise
             up = (scored[0][0] >= 0.5) != flip
-            store.set_rating(scored[0][1], user.id, "thumb", 1 if up else -1)
-            parent = max(scored)[1]
-    return conversations
+            store.set_rating(scored[0][1], users[i].id, "thumb", 1 if up else -1)
+            parents[i] = max(scored)[1]
+    bar.close()
+    return conversations, made
+
+
+def _in_batches(
+    agent: ChatAgent,
+    requests: list[BatchRequest],
+    config: Config,
+    rng: random.Random,
+    bar: tqdm,
+) -> list[ReplyChunk]:
+    """`agent.reply_batch` over `requests`, `config.batch_size` at a time, one seed each."""
+    chunks: list[ReplyChunk] = []
+    for start in range(0, len(requests), config.batch_size):
+        sampling = SamplingParams(
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            seed=rng.randrange(2**31),
+        )
+        batch = requests[start : start + config.batch_size]
+        chunks += agent.reply_batch(batch, sampling=sampling)
+        bar.update(len(batch))
+    return chunks
 
 
 def annotate(
@@ -189,6 +223,15 @@ def annotate(
 def simulate(config: Config, store: Store, agent: ChatAgent, settings: Settings) -> dict[str, Any]:
     """Chats then annotations; returns counts of what was written."""
     rng = random.Random(config.seed)
-    conversations = run_chats(config, agent, store, rng)
+    start = time.perf_counter()
+    conversations, replies = run_chats(config, agent, store, rng)
+    chat_s = time.perf_counter() - start
+    log.info("%d replies in %.1f s: %.2f replies/s", replies, chat_s, replies / chat_s)
     counts = annotate(config, store, settings, conversations, rng)
-    return {"oracle": config.oracle, "conversations": len(conversations), **counts}
+    return {
+        "oracle": config.oracle,
+        "conversations": len(conversations),
+        "replies": replies,
+        "replies_per_s": round(replies / chat_s, 2),
+        **counts,
+    }

@@ -281,7 +281,7 @@ def test_bad_message_stores_nothing(env, text, error, match):
 def test_no_deployed_model_says_what_to_run(sqlite_store, sqlite_settings):
     agent = ChatAgent(sqlite_store, sqlite_settings, device="cpu")
     conv = agent.new_conversation(sqlite_store.get_or_create_user("bob").id)
-    with pytest.raises(NotFoundError, match="rlchat starter build"):
+    with pytest.raises(NotFoundError, match="rlchat starter ensure"):
         agent.stream_reply(conv, "hi")
     assert sqlite_store.messages(conv) == []
 
@@ -404,7 +404,7 @@ def test_chat_command_reads_piped_lines(env, sqlite_settings, monkeypatch, capsy
 def test_chat_command_without_deployed_model_exits_2(sqlite_settings, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", _stdin("hello\n"))
     assert cli_main(["--data-dir", str(sqlite_settings.data_dir), "chat"]) == 2
-    assert "rlchat starter build" in capsys.readouterr().err
+    assert "rlchat starter ensure" in capsys.readouterr().err
 
 
 def _stdin(text: str) -> io.TextIOWrapper:

@@ -11,7 +11,7 @@ from agent.config import Settings
 from agent.errors import ConfigError
 from agent.modeling import encode_chat, load_base, load_tokenizer
 from agent.registry import ModelRegistry
-from agent.starter import StarterConfig, build_starter, ensure_starter, split_conversations
+from agent.starter import StarterConfig, build_starter, split_conversations
 from agent.store.api import Store
 from agent.tiny import chitchat_conversations, encode_turns, pack_rows, to_messages
 from rlchat.cli import main as cli
@@ -100,6 +100,9 @@ def test_tiny_build_learns_and_registers(sqlite_settings: Settings, sqlite_store
     m = result.metrics
     assert m["eval/loss"] < m["eval/loss_initial"] - 1.0, m  # clearly learned something
     assert m["conversations/train"] + m["conversations/held_out"] == 200
+    # Bits per character of held-out replies, next to a trigram's on the same tokens.
+    assert 0 < m["heldout/bits_per_char"] < 8 and 0 < m["baseline/trigram_bits_per_char"] < 8
+    assert m["heldout/reply_tokens"] > 0
     registry = ModelRegistry(sqlite_store, sqlite_settings)
     version = registry.get(result.version_id)
     assert version.kind == "base" and version.name == "starter-tiny"
@@ -114,8 +117,16 @@ def test_tiny_build_learns_and_registers(sqlite_settings: Settings, sqlite_store
     prompt = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": "hi"}])])
     assert model.generate(prompt, max_new_tokens=5, do_sample=False).shape[1] > prompt.shape[1]
 
-    # A base exists now: ensure and `starter build` without --force both reuse it.
-    assert ensure_starter(sqlite_settings, sqlite_store) == result.version_id
+    # A starter of this size exists now: `starter build` without --force reuses it.
     argv = ["--data-dir", str(sqlite_settings.data_dir), "starter", "build", "--size", "tiny"]
     assert cli(argv) == 0
     assert len(sqlite_store.list_model_versions("base")) == 1
+
+
+def test_witten_bell_trigram_is_a_distribution() -> None:
+    from agent.ngram import WittenBellTrigram
+
+    model = WittenBellTrigram([[1, 2, 3, 1, 2, 4], [2, 3, 1]], vocab_size=6)
+    for context in [(), (1,), (1, 2), (5, 5)]:
+        assert sum(model.prob(context, t) for t in range(6)) == pytest.approx(1.0)
+    assert model.prob((1, 2), 3) > model.prob((1, 2), 5)  # seen beats unseen

@@ -57,12 +57,15 @@ def test_simulation_fills_the_db_following_the_oracle(
     agent = ChatAgent(sqlite_store, sqlite_settings, device="cpu")
     summary = simulate.simulate(config, sqlite_store, agent, sqlite_settings)
 
+    rate = summary.pop("replies_per_s")
     assert summary == {
         "oracle": "concise",
         "conversations": 3,
+        "replies": 6,
         "likert_ratings": 12,
         "comparisons": 6,
     }
+    assert rate > 0
     convs = sqlite_store.list_conversations()
     assert {c.source for c in convs} == {"simulated"} and all(
         c.meta == {"oracle": "concise"} for c in convs
@@ -80,3 +83,57 @@ def test_simulation_fills_the_db_following_the_oracle(
             assert r.value == 1 + round(
                 4 * oracles.concise([], sqlite_store.get_message(r.message_id).content)
             )
+
+
+def test_replies_are_generated_in_batches_like_chat_turns(
+    sqlite_store, sqlite_settings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """5 users x 2 replies in batches of 4: 2 + 2 `generate` calls, stored as chat turns."""
+    registry = ModelRegistry(sqlite_store, sqlite_settings)
+    registry.deploy(registry.add("base", tiny_model_dir))
+    prompts = tmp_path / "prompts.jsonl"
+    lines = ["hi", "how are you doing today my friend?", "any pets?", "yo", "what's up"]
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in lines))
+    agent = ChatAgent(sqlite_store, sqlite_settings, device="cpu")
+    model = agent.policy().model
+    calls = []
+    generate = model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"].shape) or generate(**kw)
+    config = simulate.Config(
+        users=5, turns=1, replies=2, annotators=1, overlap=1, prompts=prompts,
+        max_new_tokens=6, batch_size=4, noise=0.0,
+    )  # fmt: skip
+    summary = simulate.simulate(config, sqlite_store, agent, sqlite_settings)
+    assert summary["replies"] == 10
+    assert [shape[0] for shape in calls] == [4, 1, 4, 1]
+    replies = [
+        m
+        for c in sqlite_store.list_conversations()
+        for m in sqlite_store.messages(c.id)
+        if m.role == "assistant"
+    ]
+    assert len(replies) == 10
+    for m in replies:
+        assert m.model_version_id is not None and m.prompt_tokens > 0
+        assert 0 < m.completion_tokens <= 6 and m.latency_ms is not None
+        assert m.sampling["max_new_tokens"] == 6
+
+
+def test_left_padded_batch_gives_the_streamed_greedy_replies(
+    sqlite_store, sqlite_settings, tiny_model_dir: Path
+) -> None:
+    from agent.chat import BatchRequest, SamplingParams
+
+    registry = ModelRegistry(sqlite_store, sqlite_settings)
+    registry.deploy(registry.add("base", tiny_model_dir))
+    agent = ChatAgent(sqlite_store, sqlite_settings, device="cpu")
+    user = sqlite_store.get_or_create_user("u", "user")
+    greedy = SamplingParams(max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
+    lines = ["hi", "what do you like to do on weekends with your friends?", "pets?"]
+    convs = [agent.new_conversation(user.id) for _ in lines]
+    batch = agent.reply_batch(
+        [BatchRequest(c, line) for c, line in zip(convs, lines, strict=True)], sampling=greedy
+    )
+    single = [agent.reply(agent.new_conversation(user.id), line, sampling=greedy) for line in lines]
+    assert [c.text for c in batch] == [c.text for c in single]
+    assert all(c.done and c.assistant_message_id for c in batch)
