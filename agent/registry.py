@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from agent.config import Settings
 from agent.errors import NotFoundError, ValidationError
 from agent.store.api import POLICY_KINDS, Store
 from agent.store.models import MODEL_KINDS, ModelVersion
+from agent.store.versions import previously_deployed
 
 log = logging.getLogger(__name__)
 
@@ -229,16 +228,8 @@ class ModelRegistry:
         if current is None:
             return None
         with self.store.reading() as s:
-            return s.scalar(
-                select(ModelVersion.id)
-                .where(
-                    ModelVersion.status == "retired",
-                    ModelVersion.deployed_at.is_not(None),
-                    ModelVersion.id != current.id,
-                )
-                .order_by(ModelVersion.deployed_at.desc(), ModelVersion.id.desc())
-                .limit(1)
-            )
+            previous = s.scalars(previously_deployed(current.id)).one_or_none()
+            return previous.id if previous is not None else None
 
 
 def _looks_like_hub_id(name: str) -> bool:

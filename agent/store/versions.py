@@ -5,11 +5,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 
 from agent.errors import NotFoundError, ValidationError
 from agent.store.base import StoreBase
 from agent.store.models import MODEL_KINDS, ModelVersion, TrainingRun, utcnow
+
+
+def previously_deployed(current_id: int) -> Select[ModelVersion]:
+    """The version a rollback from `current_id` returns to: the last one deployed before it."""
+    return (
+        select(ModelVersion)
+        .where(
+            ModelVersion.status == "retired",
+            ModelVersion.deployed_at.is_not(None),
+            ModelVersion.id != current_id,
+        )
+        .order_by(ModelVersion.deployed_at.desc(), ModelVersion.id.desc())
+        .limit(1)
+    )
+
 
 POLICY_KINDS = ("base", "sft", "ppo")
 
@@ -102,16 +117,7 @@ class VersionsAndRuns(StoreBase):
             ).one_or_none()
             if current is None:
                 raise NotFoundError("nothing is deployed, so there is nothing to roll back")
-            previous = s.scalars(
-                select(ModelVersion)
-                .where(
-                    ModelVersion.status == "retired",
-                    ModelVersion.deployed_at.is_not(None),
-                    ModelVersion.id != current.id,
-                )
-                .order_by(ModelVersion.deployed_at.desc(), ModelVersion.id.desc())
-                .limit(1)
-            ).one_or_none()
+            previous = s.scalars(previously_deployed(current.id)).one_or_none()
             if previous is None:
                 raise NotFoundError(
                     f"model version {current.id} is the only one ever deployed; nothing to roll back to"
