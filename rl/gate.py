@@ -109,27 +109,27 @@ def gate(metrics: dict[str, Any], bounds: GateBounds) -> dict[str, Any]:
 
 def format_table(metrics: dict[str, Any]) -> str:
     """Candidate and deployed side by side, the judge's win-rates, the KL, each guard, the verdict."""
+
+    def num(key: str) -> float:  # stored metrics hold null where a value was NaN or missing
+        value = metrics.get(key)
+        return math.nan if value is None else float(value)
+
     lines = [f"{'metric':<24} {'candidate':>12} {'deployed':>12}"]
     keys = sorted(k.rsplit("/", 1)[0] for k in metrics if k.endswith("/candidate"))
     for key in keys:
-        base = metrics.get(key + "/baseline", math.nan)
-        lines.append(f"{key:<24} {metrics[key + '/candidate']:>12.4f} {base:>12.4f}")
+        lines.append(f"{key:<24} {num(key + '/candidate'):>12.4f} {num(key + '/baseline'):>12.4f}")
     for name in ("judge", "reward", "oracle", "judge_lc"):
         if f"win_rate/{name}" in metrics:
-            lo, hi = metrics[f"win_rate/{name}_lo"], metrics[f"win_rate/{name}_hi"]
+            lo, hi = num(f"win_rate/{name}_lo"), num(f"win_rate/{name}_hi")
             label = f"win-rate ({name.replace('_lc', ', length-controlled')})"
-            lines.append(
-                f"{label:<34} {metrics[f'win_rate/{name}']:.3f}  95% CI [{lo:.3f}, {hi:.3f}]"
-            )
+            lines.append(f"{label:<34} {num(f'win_rate/{name}'):.3f}  95% CI [{lo:.3f}, {hi:.3f}]")
     lines.append(
-        f"{'KL(candidate || deployed)':<34} k1 {metrics['kl/k1_per_token']:.4f}, "
-        f"k3 {metrics['kl/k3_per_token']:.4f} nats/token; "
-        f"k1 {metrics['kl/k1_per_reply']:.3f}, k3 {metrics['kl/k3_per_reply']:.3f} nats/reply"
+        f"{'KL(candidate || deployed)':<34} k1 {num('kl/k1_per_token'):.4f}, "
+        f"k3 {num('kl/k3_per_token'):.4f} nats/token; "
+        f"k1 {num('kl/k1_per_reply'):.3f}, k3 {num('kl/k3_per_reply'):.3f} nats/reply"
     )
     for name in ("judge", "reward"):
-        lines.append(
-            f"{name + ' test accuracy':<34} {metrics.get(f'{name}/test_accuracy', math.nan):.3f}"
-        )
+        lines.append(f"{name + ' test accuracy':<34} {num(f'{name}/test_accuracy'):.3f}")
     decision = metrics["gate"]
     for g in decision["guards"]:
         value = "not measured" if g["value"] is None else f"{g['value']:.4g}"

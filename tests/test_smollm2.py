@@ -72,7 +72,7 @@ def test_every_stage_runs_on_smollm2(tmp_path: Path) -> None:
            "--set", "annotators=2", "--set", "noise=0")  # fmt: skip
     common = ["--set", "device=cpu", "--set", "eval_steps=1", "--set", "save_steps=1"]
     rlchat(data, "train", "sft", *common, "--set", "max_steps=2", "--set", "batch_size=4",
-           "--set", "min_examples=1", "--set", "signals=[thumb]")  # fmt: skip
+           "--set", "min_examples=1", "--set", "min_score=0")  # fmt: skip
     sft = newest(store, "sft")
     rlchat(data, "train", "reward", *common, "--set", "max_steps=2", "--set", "batch_size=4",
            "--set", "min_pairs=1", "--set", "early_stopping_patience=0")  # fmt: skip
@@ -85,9 +85,15 @@ def test_every_stage_runs_on_smollm2(tmp_path: Path) -> None:
            "--set", "batch_size=4", "--set", "mini_batch_size=2", "--set", "max_new_tokens=8",
            "--set", "eval_prompts=0", "--set", f"policy={sft}", "--set", f"reward={reward}")  # fmt: skip
     ppo = newest(store, "ppo")
+    # A few dozen distinct prompts, so the test split (drawn per line) is never empty.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(f'{{"prompt": "tell me about topic number {i}"}}\n' for i in range(40))
+    )
     rlchat(data, "eval", "--candidate", str(ppo), "--judge", str(judge), "--set", "device=cpu",
+           "--set", f"prompts={prompts}",
            "--set", "num_prompts=4", "--set", "human_replies=4", "--set", "max_new_tokens=8",
-           "--set", "bootstrap=50")  # fmt: skip
+           "--set", "bootstrap=100")  # fmt: skip
 
     # Every version loads and works: the policies chat, the reward model scores.
     for version in (sft, ppo):

@@ -129,6 +129,15 @@ def test_a_healthy_candidate_passes_every_guard_and_the_table_shows_them() -> No
         assert text in table
 
 
+def test_the_table_prints_unmeasured_values_as_stored() -> None:
+    """Stored metrics hold null for NaN (no test pairs, say): the table shows nan, no crash."""
+    metrics = evaluate.summarise(_observations(), CONFIG)
+    metrics.update({"judge/test_accuracy": None, "kl/k3_per_reply": None})
+    metrics["length/words/baseline"] = None
+    table = format_table(metrics)
+    assert "judge test accuracy" in table and "nan" in table
+
+
 def test_refuses_a_candidate_of_an_under_trained_reward_model() -> None:
     """PPO against a reward model at chance: the reward model "approves", the judge does not."""
     rng = np.random.default_rng(1)
