@@ -124,6 +124,11 @@ def logprobs_of(
     return torch.cat(out)
 
 
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate()` counts them: (B, T) -> (B, T)."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
 def reply_logits(
     model: torch.nn.Module,
     sequences: torch.Tensor,
@@ -133,11 +138,13 @@ def reply_logits(
 ) -> torch.Tensor:
     """The model's own logits predicting the last `n_reply` tokens of `sequences`: (B, R, V).
 
-    Only the positions that predict reply tokens are projected onto the vocabulary.
+    Only the positions that predict reply tokens are projected onto the vocabulary, and
+    positions skip left padding as they did when the tokens were sampled.
     """
     out = model(
         input_ids=sequences,
         attention_mask=attention_mask,
+        position_ids=position_ids_of(attention_mask),
         logits_to_keep=n_reply + 1,
         use_cache=False,
         **forward_kwargs,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agent.sampling import reply_logits
+from agent.sampling import position_ids_of, reply_logits
 
 POLICY = "ppo"
 """The peft name of the policy's trainable adapter."""
@@ -61,11 +61,6 @@ class ValueHead(nn.Module):
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1).float()
 
 
-def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate()` counts them: (B, T) -> (B, T)."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
-
-
 class ActorCritic(nn.Module):
     """The peft model and the value head as one module; `part` picks what a forward computes.
 
@@ -83,16 +78,13 @@ class ActorCritic(nn.Module):
     ) -> torch.Tensor:
         """part "policy": logits (B, R, V) predicting the last `n_reply` tokens; "critic": values
         (B, R) of the states before each of them."""
-        position_ids = position_ids_of(attention_mask)
         if part == "policy":
-            return reply_logits(
-                self.model, sequences, attention_mask, n_reply, position_ids=position_ids
-            )
+            return reply_logits(self.model, sequences, attention_mask, n_reply)
         decoder = self.model.get_base_model().get_decoder()
         hidden = decoder(
             input_ids=sequences,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids_of(attention_mask),
             use_cache=False,
         ).last_hidden_state  # (B, T, H)
         return self.value_head(hidden[:, -n_reply - 1 : -1])  # (B, R)
