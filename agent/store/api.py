@@ -172,7 +172,7 @@ class Store(AnnotationQueue, VersionsAndRuns):
             prompt_tokens, completion_tokens, ttft_ms, latency_ms, error,
         )  # fmt: skip
         params = check_message(item, self.max_text_chars)
-        return self._write(lambda conn: self.writer.message(conn, params), one_statement=True)
+        return self._lean(lambda cursor: self.writer.message(cursor, params))
 
     def append_messages(self, items: Sequence[MessageIn]) -> list[int]:
         """Many turns in one transaction (all or none); errors name the item, `messages[i]`.
@@ -255,7 +255,7 @@ class Store(AnnotationQueue, VersionsAndRuns):
         """
         item = RatingIn(message_id, rater_id, kind, value, criterion, reasons, comment)
         params = check_rating(item, self.max_text_chars)
-        return self._write(lambda conn: self.writer.rating(conn, params), one_statement=True)
+        return self._lean(lambda cursor: self.writer.rating(cursor, params))
 
     def set_ratings(self, items: Sequence[RatingIn]) -> list[int]:
         """Upsert many ratings in one transaction (all or none), e.g. every criterion of one
@@ -290,7 +290,7 @@ class Store(AnnotationQueue, VersionsAndRuns):
         """Upsert one rater's preference between two replies to the same parent."""
         item = ComparisonIn(rater_id, message_a_id, message_b_id, choice, comment)
         params = check_comparison(item, self.max_text_chars)
-        return self._write(lambda conn: self.writer.comparison(conn, params), one_statement=True)
+        return self._lean(lambda cursor: self.writer.comparison(cursor, params))
 
     def add_comparisons(self, items: Sequence[ComparisonIn]) -> list[int]:
         """Upsert many comparisons in one transaction (all or none); errors name the item,

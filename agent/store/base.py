@@ -31,7 +31,7 @@ class StoreBase:
         self.engine = engine
         self.max_text_chars = max_text_chars
         self.sessions = db.session_factory(engine)
-        self.writer = Writer(engine.dialect.name)
+        self.writer = Writer(engine.dialect)
         # A one-statement write runs in autocommit: no BEGIN/COMMIT round trips on PostgreSQL,
         # and on SQLite the write lock is held for that statement only.
         if self.writer.postgres:
@@ -93,6 +93,37 @@ class StoreBase:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _lean(self, work: Callable[[Any], T]) -> T:
+        """Run `work` on the DBAPI cursor of an autocommit connection: the writer's one-statement
+        path. A dropped connection is retried once on a fresh one; a refused write is
+        explained; any other driver error surfaces as SQLAlchemy's, as `_write`'s do."""
+        dialect = self._autocommit.dialect
+        for attempt in (1, 2):
+            pooled = self._autocommit.raw_connection()
+            cursor = pooled.cursor()
+            try:
+                return work(cursor)
+            except Refused as refused:
+                with self._reader.connect() as conn:
+                    raise self.writer.explain(conn, refused) from refused.__cause__
+            except dialect.loaded_dbapi.Error as exc:
+                dropped = dialect.is_disconnect(exc, pooled.dbapi_connection, cursor)
+                if dropped:
+                    pooled.invalidate(exc)
+                if attempt == 2 or not dropped:
+                    raise DBAPIError.instance(
+                        None,
+                        None,
+                        exc,
+                        dialect.loaded_dbapi.Error,
+                        connection_invalidated=dropped,
+                        dialect=dialect,
+                    ) from exc
+            finally:
+                cursor.close()
+                pooled.close()
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _checked(
         self, name: str, items: Sequence[I], check: Callable[[I, int], dict[str, Any]]
     ) -> list[dict[str, Any]]:
@@ -109,7 +140,7 @@ class StoreBase:
         self,
         name: str,
         params: list[dict[str, Any]],
-        write: Callable[[Connection, dict[str, Any], str], int],
+        write: Callable[[Any, dict[str, Any], str], int],
         order: Callable[[dict[str, Any]], Any],
     ) -> list[int]:
         """All of `params` in one transaction, rows taken in `order` (so that two batches
@@ -119,8 +150,10 @@ class StoreBase:
 
         def work(conn: Connection) -> list[int]:
             ids = [0] * len(params)
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             for i in sorted(range(len(params)), key=lambda i: order(params[i])):
-                ids[i] = write(conn, params[i], f"{name}[{i}].")
+                ids[i] = write(cursor, params[i], f"{name}[{i}].")
+            cursor.close()
             return ids
 
         return self._write(work)

@@ -16,6 +16,7 @@ from agent.config import Settings
 from agent.errors import NotFoundError, ValidationError
 from agent.store import db
 from agent.store.api import ComparisonIn, MessageIn, RatingIn, Store
+from agent.store.writes import Compiled
 
 
 @pytest.fixture
@@ -32,20 +33,29 @@ def chat(store: Store) -> dict[str, int]:
 
 @contextmanager
 def statements(store: Store) -> Iterator[list[str]]:
-    """Every SQL statement the store sends while the block runs (BEGIN/COMMIT included)."""
+    """Every SQL statement the store sends while the block runs (BEGIN/COMMIT included):
+    through SQLAlchemy, and the writer's pre-compiled ones on the DBAPI cursor."""
     sent: list[str] = []
 
     def record(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
         sent.append(" ".join(statement.split()))
+
+    run = Compiled.rows
+
+    def rows(self: Compiled, cursor, params):  # type: ignore[no-untyped-def]
+        record(None, cursor, self.sql)
+        return run(self, cursor, params)
 
     # On PostgreSQL one-statement writes have their own autocommit engine (and pool).
     postgres = store.engine.dialect.name == "postgresql"
     engines = [store.engine, store._autocommit] if postgres else [store.engine]
     for engine in engines:
         event.listen(engine, "before_cursor_execute", record)
+    Compiled.rows = rows  # type: ignore[method-assign]
     try:
         yield sent
     finally:
+        Compiled.rows = run  # type: ignore[method-assign]
         for engine in engines:
             event.remove(engine, "before_cursor_execute", record)
 
@@ -215,3 +225,22 @@ def test_postgres_dropped_connection_is_retried(pg_store: Store, postgres_url: s
     admin.dispose()
     msg = pg_store.append_message(conv, "user", "still works")
     assert pg_store.get_message(msg).content == "still works"
+
+
+def test_a_driver_error_on_the_lean_path_surfaces_as_sqlalchemys(
+    store: Store, chat: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer runs on the DBAPI cursor; its driver errors still reach callers (and the
+    CLI's error messages) as SQLAlchemy exceptions, and the pool stays usable."""
+    from sqlalchemy.exc import OperationalError
+
+    dbapi = store.engine.dialect.loaded_dbapi
+
+    def fail(self: Compiled, cursor, params):  # type: ignore[no-untyped-def]
+        raise dbapi.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Compiled, "rows", fail)
+        with pytest.raises(OperationalError, match="disk I/O error"):
+            store.set_rating(chat["r1"], chat["ann"], "thumb", 1)
+    assert store.set_rating(chat["r1"], chat["ann"], "thumb", 1) > 0
