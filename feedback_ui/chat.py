@@ -453,8 +453,10 @@ def build_chat_tab(ctx: UIContext, concurrency: int) -> dict[str, Any]:
                     label="System prompt (used by new conversations)",
                     lines=2,
                 )
-                temperature = gr.Slider(0, 2, 0.8, step=0.05, label="Temperature")
-                top_p = gr.Slider(0.05, 1, 0.95, step=0.05, label="Top-p")
+                # SmolLM2's recommended decoding (its model card): at 0.8 / 0.95 a 135M model
+                # drifts off topic within a sentence or two.
+                temperature = gr.Slider(0, 2, 0.2, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1, 0.9, step=0.05, label="Top-p")
                 max_new = gr.Slider(8, 1024, 128, step=8, label="Max new tokens")
                 penalty = gr.Slider(1, 2, 1.1, step=0.05, label="Repetition penalty")
     for slider in (temperature, top_p, max_new, penalty):
