@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.rlchat-installed
 HOST   ?= 127.0.0.1
 PORT   ?= 7860
 
-.PHONY: install test test-slow lint format demo clean-venv
+.PHONY: install test test-slow lint format demo loop-demo clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,17 @@ test-slow: install
 demo: install
 	$(BIN)/rlchat starter ensure
 	$(BIN)/rlchat serve --host $(HOST) --port $(PORT)
+
+# One documented SmolLM2 loop run of docs/LOOP.md, end to end in its own data directory
+# (about an hour on 2 CPU cores): `make loop-demo ORACLE=positive` for another oracle.
+ORACLE   ?= follow_up
+LOOP_DIR ?= .rlchat-loop/$(ORACLE)
+loop-demo: install
+	$(BIN)/rlchat --data-dir $(LOOP_DIR) starter ensure
+	$(BIN)/rlchat --data-dir $(LOOP_DIR) simulate --oracle $(ORACLE) --users 160 \
+		--set turns=1 --set replies=3 --set max_new_tokens=32 --set temperature=0.7
+	$(BIN)/rlchat --data-dir $(LOOP_DIR) pipeline --job-config docs/loop-smollm2.yaml \
+		--set eval.oracle=$(ORACLE)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,9 +2,12 @@
 
     .venv/bin/python benchmarks/chat_latency.py                      # starter and 0.5b shapes
     .venv/bin/python benchmarks/chat_latency.py --sizes starter --turns 10 --max-new-tokens 64
+    .venv/bin/python benchmarks/chat_latency.py --sizes "" --model .rlchat/models/1   # SmolLM2
 
 Models have random weights (only the shape matters for speed) and our byte-level BPE
-tokenizer; special tokens are masked out of the logits in both paths, so every turn writes
+tokenizer, except a real model folder given with --model (e.g. the converted SmolLM2 that
+`rlchat starter ensure` registered), which is measured with its own weights and tokenizer;
+special tokens are masked out of the logits in both paths, so every turn writes
 exactly --max-new-tokens tokens. Each measured turn is a new conversation with the same system
 prompt and user message, so the agent's prompt is the bare prompt. Agent and bare turns
 alternate. Agent times are end to end as a caller sees them: from calling `stream_reply`
@@ -160,8 +163,11 @@ def agent_turn(agent: ChatAgent, user_id: int, sampling: SamplingParams) -> Timi
     return Timing(ttft, total, reply.completion_tokens or 0, (reply.latency_ms or 0) / 1000)
 
 
-def measure(name: str, args: argparse.Namespace, work: Path) -> dict[str, object]:
-    model_dir = build_model(name, work / name)
+def measure(
+    name: str, args: argparse.Namespace, work: Path, model_dir: Path | None = None
+) -> dict[str, object]:
+    """One model: a random one of shape `name`, or the folder `model_dir` as it is."""
+    model_dir = model_dir or build_model(name, work / name)
     settings = Settings(data_dir=work / f"data-{name}", database_url=args.database_url or "")
     store = Store.open(settings)
     registry = ModelRegistry(store, settings)
@@ -214,6 +220,9 @@ def main() -> None:
     parser.add_argument(
         "--sizes", default="starter,0.5b", help=f"comma list of {', '.join(SHAPES)}"
     )
+    parser.add_argument(
+        "--model", action="append", default=[], help="a Hugging Face model folder (repeatable)"
+    )
     parser.add_argument("--turns", type=int, default=10, help="measured turns per path and size")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
@@ -224,8 +233,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for name in args.sizes.split(","):
-            rows.append(measure(name.strip(), args, Path(work)))
+        todo = [(n.strip(), None) for n in args.sizes.split(",") if n.strip()]
+        todo += [(Path(m).resolve().name, Path(m).resolve()) for m in args.model]
+        for name, model_dir in todo:
+            rows.append(measure(name, args, Path(work), model_dir))
             print(markdown_table(rows[-1:]), flush=True)
     print()
     print(markdown_table(rows))
