@@ -12,11 +12,11 @@ import types
 
 import gradio as gr
 import pytest
-from sqlalchemy import event
 from ui_helpers import add_people, make_adapter, request_as, seed_chat
 
 from agent.chat import ChatAgent
 from agent.registry import ModelRegistry
+from agent.store.writes import Compiled
 from feedback_ui import arena as arena_tab
 from feedback_ui.annotate import AnnotateHandlers
 from feedback_ui.auth import Access
@@ -27,26 +27,26 @@ SAMPLING = (0.8, 0.95, 6, 1.1)  # temperature, top_p, max_new_tokens, repetition
 TOO_MANY_TOKENS = "word " * 5000  # under the character limit, over the tiny model's context
 
 
-def test_likert_submit_is_one_transaction(store, people, ctx) -> None:
+def test_likert_submit_is_one_transaction(store, people, ctx, monkeypatch) -> None:
     """The database failing on the second criterion leaves the first one unwritten too."""
     reply = seed_chat(store, people.alice)[0]
     h = AnnotateHandlers(ctx)
     item = h.next_item(request_as("ann"))[0]
     inserts = []
+    run = Compiled.rows  # the store's writes run pre-compiled on the DBAPI cursor
 
-    def fail_second_rating(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
-        if "INSERT INTO ratings" in statement:
-            inserts.append(statement)
+    def fail_second_rating(self: Compiled, cursor, params):  # type: ignore[no-untyped-def]
+        if "INSERT INTO ratings" in self.sql:
+            inserts.append(self.sql)
             if len(inserts) == 2:
                 raise RuntimeError("disk full (simulated) on the second criterion")
+        return run(self, cursor, params)
 
-    event.listen(store.engine, "before_cursor_execute", fail_second_rating)
-    try:
+    with monkeypatch.context() as patched:
+        patched.setattr(Compiled, "rows", fail_second_rating)
         # The handler shows the failure as a short "the server failed" message.
         with pytest.raises(Exception, match="RuntimeError"):
             h.submit(request_as("ann"), item, [], [], "", 4, 5)
-    finally:
-        event.remove(store.engine, "before_cursor_execute", fail_second_rating)
     assert len(inserts) == 2  # the failure came on the second criterion's write
     assert store.ratings(message_id=reply) == []
 
