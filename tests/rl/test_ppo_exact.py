@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,7 @@ from rl.ppo import PPOConfig, PPOTrainer
 CONTEXTS = [[{"role": "user", "content": f"hello there, friend number {i}"}] for i in range(4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rl/conftest.py
 
 
 def make_trainer(model_dir: Path, adapters: list[str] | None = None, **overrides) -> PPOTrainer:
