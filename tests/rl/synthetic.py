@@ -192,3 +192,14 @@ def _add_comparisons(
                 choice = "a" if a_wins else "b"
             store.add_comparison(annotator, a, b, choice)
             info["comparisons"] += 1
+
+
+def fill_prompts(store: Store, n: int = 6) -> None:
+    """`n` conversations ending on a user turn (a greeting, "Hi!", then a question): prompts
+    for PPO's environment, with no feedback."""
+    user = store.get_or_create_user("alice").id
+    for i in range(n):
+        conv = store.create_conversation(user, system_prompt="Be brief.")
+        u1 = store.append_message(conv, "user", f"Hello number {i}")
+        a1 = store.append_message(conv, "assistant", "Hi!", u1)
+        store.append_message(conv, "user", f"Tell me about topic {i}", a1)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from synthetic import fill_prompts
 
 from agent.config import Settings, load_dataclass
 from agent.errors import ConfigError
@@ -19,28 +19,12 @@ from rl.ppo import job as ppo_train
 from rl.runs import Run
 from rlchat.cli import main as cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rl/conftest.py
 
 
 def likes_e(context: list[dict[str, str]], reply: str) -> float:
     """The oracle reward of these tests (named as `test_ppo_train:likes_e`)."""
     return reply.count("e") / max(1, len(reply))
-
-
-def fill(store: Store, n: int = 6) -> None:
-    """`n` two-turn conversations."""
-    user = store.get_or_create_user("alice").id
-    for i in range(n):
-        conv = store.create_conversation(user, system_prompt="Be brief.")
-        u1 = store.append_message(conv, "user", f"Hello number {i}")
-        a1 = store.append_message(conv, "assistant", "Hi!", u1)
-        store.append_message(conv, "user", f"Tell me about topic {i}", a1)
 
 
 def job_args(tiny_model_dir: Path, **extra: object) -> list[str]:
@@ -62,7 +46,7 @@ def job_args(tiny_model_dir: Path, **extra: object) -> list[str]:
 def test_train_ppo_command_registers_a_servable_ppo_version(
     tiny_model_dir: Path, sqlite_settings: Settings, sqlite_store: Store
 ) -> None:
-    fill(sqlite_store)
+    fill_prompts(sqlite_store)
     code = cli(
         ["--data-dir", str(sqlite_settings.data_dir), "train", "ppo", *job_args(tiny_model_dir)]
     )
@@ -123,7 +107,7 @@ def test_resume_after_a_kill_continues_like_an_uninterrupted_run(
 ) -> None:
     for name in ("straight", "killed"):
         store = Store.open(Settings(data_dir=tmp_path / name))
-        fill(store)
+        fill_prompts(store)
         store.close()
     logged = record_logs(monkeypatch)
     run_job(tiny_model_dir, tmp_path / "straight")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from synthetic import fill_prompts
 
 from agent.config import Settings
 from agent.errors import ConfigError
@@ -22,15 +23,6 @@ from rlchat.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = worker.WorkerConfig(poll_s=0.1, heartbeat_s=0.05, lease_s=0.3, name="test-worker")
-
-
-def fill(store: Store, n: int = 6) -> None:
-    user = store.get_or_create_user("alice").id
-    for i in range(n):
-        conv = store.create_conversation(user, system_prompt="Be brief.")
-        u1 = store.append_message(conv, "user", f"Hello number {i}")
-        a1 = store.append_message(conv, "assistant", "Hi!", u1)
-        store.append_message(conv, "user", f"Tell me about topic {i}", a1)
 
 
 def ppo_config(tiny_model_dir: Path, **extra: object) -> dict[str, object]:
@@ -69,7 +61,7 @@ def test_configs_are_checked_as_the_cli_checks_them() -> None:
 def test_worker_runs_a_ppo_job_with_progress(
     tiny_model_dir: Path, sqlite_settings: Settings, sqlite_store: Store
 ) -> None:
-    fill(sqlite_store)
+    fill_prompts(sqlite_store)
     job = jobs.enqueue(sqlite_store, "ppo", ppo_config(tiny_model_dir, name="from-the-queue"))
     done = worker.run_next(sqlite_store, sqlite_settings, FAST)
     assert done is not None and done.id == job.id
@@ -91,7 +83,7 @@ def test_cancel_stops_at_the_next_checkpoint_and_resume_finishes(
     sqlite_store: Store,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    fill(sqlite_store)
+    fill_prompts(sqlite_store)
     job = jobs.enqueue(sqlite_store, "ppo", ppo_config(tiny_model_dir, iterations=6))
     original = Run.log
 
@@ -124,7 +116,7 @@ def test_cancel_stops_at_the_next_checkpoint_and_resume_finishes(
 def test_a_failing_job_is_marked_failed_with_its_error(
     tiny_model_dir: Path, sqlite_settings: Settings, sqlite_store: Store
 ) -> None:
-    fill(sqlite_store)
+    fill_prompts(sqlite_store)
     jobs.enqueue(sqlite_store, "ppo", ppo_config(tiny_model_dir, reward="no_such_module:f"))
     done = worker.run_next(sqlite_store, sqlite_settings, FAST)
     assert done is not None and done.status == "failed"
@@ -135,7 +127,7 @@ def test_a_failing_job_is_marked_failed_with_its_error(
 def test_a_killed_worker_leaves_its_job_resumable(
     tiny_model_dir: Path, sqlite_settings: Settings, sqlite_store: Store
 ) -> None:
-    fill(sqlite_store)
+    fill_prompts(sqlite_store)
     job = jobs.enqueue(sqlite_store, "ppo", ppo_config(tiny_model_dir, iterations=8))
     cmd = [sys.executable, "-m", "rlchat.cli", "--data-dir", str(sqlite_settings.data_dir)]
     proc = subprocess.Popen(
