@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="tiny (tests), small (CPU default, <= 10 min on 2 cores), medium/large (GPU)")  # fmt: skip
     build.add_argument("--max-conversations", type=int, help="use only the first N conversations")
     build.add_argument("--steps", type=int, help="optimiser steps (default: the size's)")
+    build.add_argument("--lr", type=float, help="peak learning rate (default: the size's)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     build.add_argument("--force", action="store_true",
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         size=args.size,
         max_conversations=args.max_conversations,
         steps=args.steps,
+        lr=args.lr,
         seed=args.seed,
         device=args.device,
     )
@@ -62,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out loss {m['eval/loss_initial']:.3f} -> {m['eval/loss']:.3f} "
           f"(perplexity {m['eval/perplexity']:.1f}) after {m['steps']} steps, "
           f"{m['perf/wall_s'] / 60:.1f} min")  # fmt: skip
-    print(f"held-out replies: {m['heldout/bits_per_char']:.3f} bits/char; a Witten-Bell trigram "
-          f"on the same tokens: {m['baseline/trigram_bits_per_char']:.3f}")  # fmt: skip
+    ours, trigram = m["heldout/bits_per_char"], m["baseline/trigram_bits_per_char"]
+    verdict = "beats" if ours < trigram else "does NOT beat"
+    print(f"held-out replies: {ours:.3f} bits/char ({m['heldout/reply_loss']:.3f} nats/token); "
+          f"it {verdict} a Witten-Bell trigram on the same tokens: {trigram:.3f} bits/char "
+          f"({m['baseline/trigram_loss']:.3f} nats/token)")  # fmt: skip
     for prompt, reply in result.samples:
         print(f"  user: {prompt}\n  bot:  {reply}")
     return 0

@@ -78,6 +78,7 @@ def test_split_is_seeded_and_disjoint() -> None:
         ("size", "huge"),
         ("max_conversations", 3),
         ("steps", 0),
+        ("lr", 0.0),
         ("held_out_fraction", 0.9),
         ("user_loss_weight", 2.0),
     ],  # fmt: skip
@@ -85,6 +86,20 @@ def test_split_is_seeded_and_disjoint() -> None:
 def test_config_errors_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         StarterConfig(**{field: value})
+
+
+def test_weight_decay_spares_norms_biases_and_embeddings(tiny_model_dir: Path) -> None:
+    from agent.starter import param_groups
+
+    model, _ = load_base(tiny_model_dir, device="cpu")
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert decayed and all(n.endswith(("proj.weight",)) for n in decayed), decayed
+    assert "model.embed_tokens.weight" in spared and any("norm" in n for n in spared)
+    assert len(decayed) + len(spared) == len(names)
 
 
 @pytest.mark.slow
