@@ -1,0 +1,153 @@
+"""How much of the return variance can a critic explain on PPO's learning test, and ours?
+
+    .venv/bin/python benchmarks/critic_ev.py                 # 40 iterations, one thread
+    .venv/bin/python benchmarks/critic_ev.py --set critic_learning_rate=3e-3 --set lam=1.0
+
+Runs the learning test of tests/rl/test_ppo.py (the tiny random Llama with peaked embeddings,
+reward = the share of "e" in a 16-token reply, 16 replies per iteration) and, beside the
+critic's explained variance (EV, of the values computed at rollout against the GAE returns),
+prints what a least-squares fit of the same returns on hand-made prefix features reaches: the
+e's and characters decoded so far, their ratio and the position. Two such fits: in-sample (on
+the batch itself: optimistic) and out-of-sample (fitted on the previous batch, scored on this
+one: what a critic that knew the right feature would show). The reward is unknown until the
+reply is sampled, so early positions cannot be predicted: the fits say where the ceiling is.
+Not a test: a measurement for the notes of issue #11.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.modeling import Policy  # noqa: E402
+from rl.env import DialogueVectorEnv, Prompt  # noqa: E402
+from rl.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from rl.ppo import trainer as trainer_module  # noqa: E402
+
+PROMPTS = [
+    Prompt([{"role": "user", "content": f"hello there, friend number {i}"}]) for i in range(12)
+]
+LEARNING_TEST = {  # tests/rl/test_ppo.py::test_mean_reward_rises_while_kl_stays_bounded
+    "batch_size": 16,
+    "mini_batch_size": 8,
+    "max_new_tokens": 16,
+    "learning_rate": 3e-3,
+    "kl_coef": 0.05,
+    "normalize_scores": True,
+}
+
+
+def share_of_e(context: list[dict[str, str]], reply: str) -> float:
+    return reply.count("e") / max(1, len(reply))
+
+
+def peaked_model(work: Path) -> Path:
+    """The test's model: the tiny random Llama with its embeddings scaled 6x."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent.tiny import build_tiny_model
+
+    out = work / "peaked"
+    if not (out / "config.json").exists():
+        tiny = build_tiny_model(work / "tiny")
+        model = AutoModelForCausalLM.from_pretrained(tiny)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(6.0)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(tiny).save_pretrained(out)
+    return out
+
+
+def prefix_features(tokenizer, responses: torch.Tensor, mask: np.ndarray) -> np.ndarray:
+    """(n_masked, 5): [1, e's so far, characters so far, their ratio, position] per reply token."""
+    rows = []
+    for ids, keep in zip(responses.tolist(), mask, strict=True):
+        e = chars = 0
+        for t, token in enumerate(ids):
+            if not keep[t]:
+                break
+            rows.append([1.0, e, chars, e / (chars + 1), t])
+            piece = tokenizer.decode([token], skip_special_tokens=True)
+            e, chars = e + piece.count("e"), chars + len(piece)
+    return np.asarray(rows)
+
+
+def explained(y: np.ndarray, prediction: np.ndarray) -> float:
+    return float(1 - np.var(y - prediction) / max(np.var(y), 1e-12))
+
+
+def parse_value(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", type=Path, help="where the tiny model is built (default: a temp dir)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a PPOConfig field over the learning test's")  # fmt: skip
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    fields = dict(LEARNING_TEST)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        fields[name] = parse_value(value)
+    work = args.work or Path(tempfile.mkdtemp(prefix="critic-ev-"))
+    trainer = PPOTrainer(PPOConfig(**fields), Policy(peaked_model(work), device="cpu"))
+
+    seen: dict[str, object] = {}
+    measure = trainer_module.explained_variance
+
+    def keep_returns(values, returns, mask):  # what the trainer's EV is computed on
+        seen["returns"], seen["mask"] = returns, mask
+        return measure(values, returns, mask)
+
+    trainer_module.explained_variance = keep_returns
+    update = trainer.update
+
+    def keep_batch(batch, rewards):
+        seen["batch"] = batch
+        return update(batch, rewards)
+
+    trainer.update = keep_batch  # type: ignore[method-assign]
+    envs = DialogueVectorEnv(trainer.config.num_contexts, PROMPTS, share_of_e)
+    envs.reset(seed=0)
+    rows, previous = [], None
+    print(f"{'iter':>4} {'reward':>7} {'critic EV':>10} {'fit in-sample':>14} {'fit out-of-sample':>18}")
+    for it in range(args.iterations):
+        metrics = trainer.train_step(envs)
+        mask = seen["mask"].numpy().astype(bool)
+        x = prefix_features(trainer.tokenizer, seen["batch"].responses, mask)
+        y = seen["returns"].numpy()[mask]
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        inside = explained(y, x @ coef)
+        outside = explained(y, x @ previous) if previous is not None else float("nan")
+        previous = coef
+        rows.append((metrics["value/explained_variance"], inside, outside))
+        print(f"{it:>4} {metrics['reward/mean']:>7.3f} {rows[-1][0]:>+10.3f} {inside:>14.3f} "
+              f"{outside:>+18.3f}", flush=True)  # fmt: skip
+    table = np.asarray(rows)
+    third = max(1, args.iterations // 3)
+    print("\nmeans over thirds of the run")
+    for lo, hi in [(0, third), (third, 2 * third), (2 * third, args.iterations)]:
+        critic, inside, outside = np.nanmean(table[lo:hi], axis=0)
+        print(f"iterations {lo}-{hi - 1}: critic EV {critic:+.3f}, prefix fit in-sample "
+              f"{inside:.3f}, out-of-sample {outside:+.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
