@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     envs = DialogueVectorEnv(trainer.config.num_contexts, PROMPTS, share_of_e)
     envs.reset(seed=0)
     rows, previous = [], None
-    print(f"{'iter':>4} {'reward':>7} {'critic EV':>10} {'fit in-sample':>14} {'fit out-of-sample':>18}")
+    print(
+        f"{'iter':>4} {'reward':>7} {'critic EV':>10} {'fit in-sample':>14} {'fit out-of-sample':>18}"
+    )
     for it in range(args.iterations):
         metrics = trainer.train_step(envs)
         mask = seen["mask"].numpy().astype(bool)
