@@ -36,6 +36,9 @@ class PPOConfig:
     """AdamW learning rate of the critic's LoRA adapter and value head."""
     critic_warmup: int = 2
     """ppo: the first this many iterations train only the critic (the policy stays as it is)."""
+    calibrate_value_head: bool = True
+    """ppo: when the value head starts from the reward model's score head, fit its scale and
+    offset to the first batch's rewards-to-go before the first update."""
     max_grad_norm: float = 1.0
     """Gradient clipping: the global norm of the policy's (and separately the critic's) weights."""
     max_prompt_tokens: int = 256

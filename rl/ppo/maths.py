@@ -130,6 +130,24 @@ def rloo_advantages(
     return (grouped - baseline).reshape(-1), returns
 
 
+def affine_stats(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sums (n, Σx, Σy, Σx², Σxy) over the masked entries: add them up across processes, then
+    `affine_fit`."""
+    m = mask.to(torch.float64)
+    x, y = x.to(torch.float64) * m, y.to(torch.float64) * m
+    return torch.stack([m.sum(), x.sum(), y.sum(), (x * x).sum(), (x * y).sum()])
+
+
+def affine_fit(stats: torch.Tensor) -> tuple[float, float]:
+    """Least-squares (a, b) of y ≈ a·x + b from `affine_stats`; a = 0 when x is constant."""
+    n, sx, sy, sxx, sxy = stats.tolist()
+    if n < 1:
+        return 1.0, 0.0
+    var_x = sxx / n - (sx / n) ** 2
+    a = (sxy / n - sx * sy / n**2) / var_x if var_x > 1e-12 else 0.0
+    return a, sy / n - a * sx / n
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var(returns - values) / Var(returns) over masked tokens (1: perfect, <= 0: useless)."""
     var_returns = masked_var(returns, mask)

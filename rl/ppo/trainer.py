@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from rl.ppo.maths import (
     KLController,
     PPODivergedError,
     RunningMoments,
+    affine_fit,
+    affine_stats,
     entropy_of,
     explained_variance,
     gae,
@@ -98,6 +101,9 @@ class PPOTrainer:
         set_trainable(self.model, self.trainable)
         lm = self.model.get_base_model()
         self.value_head = ValueHead(lm.config.get_text_config().hidden_size).to(self.device)
+        self.calibrate_head = (
+            value_init is not None and not self.rloo and config.calibrate_value_head
+        )
         if value_init is not None and not self.rloo:
             self.value_head.init_from(*value_init)
         self.module = ActorCritic(self.model, self.value_head)
@@ -226,6 +232,7 @@ class PPOTrainer:
         """Epochs of minibatch updates on `batch` scored with `rewards` (B,); the metrics."""
         cfg = self.config
         start = time.perf_counter()
+        rollout_values = batch.values
         # ---- scores, KL penalty, advantages (N implementation details #4-#7)
         scores = self._scores(rewards, batch.ended)
         kl = kl_estimate(batch.logprobs, batch.ref_logprobs, cfg.kl_estimator)  # (B, R)
@@ -244,6 +251,8 @@ class PPOTrainer:
             total = returns
         else:
             token_r = token_rewards(scores, kl, batch.mask, self.kl_ctl.value)  # (B, R)
+            if self.calibrate_head and self.iteration == 0:
+                batch = replace(batch, values=self._calibrate(batch, token_r))
             advantages, returns = gae(token_r, batch.values, batch.mask, cfg.gamma, cfg.lam)
             advantages = masked_whiten(advantages, batch.mask)
             total = token_r.sum(1)
@@ -266,14 +275,36 @@ class PPOTrainer:
             "perf/tokens_per_s": n_tokens / max(batch.seconds + update_s, 1e-9),
             **stats,
         }
-        if not self.rloo:
+        if not self.rloo:  # of the values as the critic predicted them (before any calibration)
             metrics["value/explained_variance"] = explained_variance(
-                batch.values, returns, batch.mask
+                rollout_values, returns, batch.mask
             )
             metrics["value/mean"] = masked_mean(batch.values, batch.mask).item()
         metrics = mean_metrics(self.accelerator, metrics, self.device)
         metrics["kl/coef"] = self.kl_ctl.value
         return metrics
+
+    @torch.no_grad()
+    def _calibrate(self, batch: Rollout, token_r: torch.Tensor) -> torch.Tensor:
+        """Fit the scale and offset of a value head copied from the reward model to the first
+        batch's rewards-to-go (least squares, two numbers; its direction is kept) and return
+        the batch's values as the calibrated head gives them.
+
+        The copied head was trained on the reward model's own (LoRA-tuned) trunk and on its
+        score's scale; on the critic's hidden states and against returns that carry the KL
+        penalty it can be far off (explained variance -7.3 on the first batch of a SmolLM2 run).
+        """
+        to_go = gae(token_r, torch.zeros_like(token_r), batch.mask, self.config.gamma, 1.0)[1]
+        stats = self.accelerator.reduce(affine_stats(batch.values, to_go, batch.mask), "sum")
+        a, b = affine_fit(stats)
+        summary = self.value_head.summary
+        summary.weight.mul_(a)
+        summary.bias.mul_(a).add_(b)
+        log.info(
+            "value head from the reward model calibrated on the first batch: %.3g·v + %.3g", a, b
+        )
+        self.calibrate_head = False
+        return (a * batch.values + b) * batch.mask
 
     def _scores(self, rewards: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """Rewards -> the scores used: clipped, minus the missing-EOS penalty; normalised by

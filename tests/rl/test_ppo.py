@@ -15,6 +15,9 @@ from rl.ppo.maths import (
     KLController,
     PPODivergedError,
     RunningMoments,
+    affine_fit,
+    affine_stats,
+    explained_variance,
     gae,
     kl_estimate,
     masked_mean,
@@ -112,6 +115,14 @@ def test_rloo_baseline_leaves_each_reply_out() -> None:
     assert advantages[0].item() == pytest.approx(0.8 - 3.8)
     assert advantages[3].item() == pytest.approx(-0.2 - 2.85)
     assert advantages.view(2, 3).sum(1).abs().max() < 1e-5  # centred per context
+
+
+def test_affine_fit_recovers_scale_and_offset_over_the_mask() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert affine_fit(affine_stats(x, 3 * x - 2, mask)) == pytest.approx((3.0, -2.0))
+    constant = affine_fit(affine_stats(torch.ones_like(x), x, mask))
+    assert constant == pytest.approx((0.0, 3.0))  # no slope to fit: the mean
 
 
 def test_policy_loss_clips_the_ratio() -> None:
@@ -244,6 +255,43 @@ def make_sft_adapter(model_dir: Path, out: Path) -> Path:
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(base, lora).save_pretrained(out)
     return out
+
+
+def test_a_value_head_copied_from_the_reward_model_is_calibrated_on_the_first_batch(
+    tiny_model_dir: Path,
+) -> None:
+    # A head far off in scale and offset (as the reward model's is on the critic's hidden
+    # states): its values miss the returns by ~30, so the first update's advantages are noise.
+    policy = Policy(tiny_model_dir, device="cpu")
+    hidden = policy.model.config.hidden_size
+    head = (
+        torch.randn(1, hidden, generator=torch.Generator().manual_seed(0)) * 5,
+        torch.tensor([30.0]),
+    )
+    trainer = PPOTrainer(small_config(critic_learning_rate=1e-12), policy, value_init=head)
+    batch = trainer.rollout(CONTEXTS[:4])
+    rewards = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    first = trainer.update(batch, rewards)
+
+    weight = trainer.value_head.summary.weight.detach()
+    cosine = torch.nn.functional.cosine_similarity(weight.flatten(), head[0].flatten(), dim=0)
+    assert abs(float(cosine)) == pytest.approx(1.0, abs=1e-4)  # the direction is kept
+    assert float(weight.norm()) < 0.5 * float(head[0].norm())  # the scale is not
+    # On the same batch, the calibrated head explains the rewards-to-go at least as well as
+    # their mean does (least squares); before, it was far worse.
+    values = trainer._values(batch.sequences, batch.attention_mask, batch.responses.shape[1])
+    kl = kl_estimate(batch.logprobs, batch.ref_logprobs, trainer.config.kl_estimator)
+    scores = trainer._scores(rewards, batch.ended)
+    token_r = token_rewards(scores, kl, batch.mask, trainer.kl_ctl.value)
+    to_go = gae(token_r, torch.zeros_like(token_r), batch.mask, 1.0, 1.0)[1]
+    assert explained_variance(values, to_go, batch.mask) > -1e-3
+    assert explained_variance(batch.values, to_go, batch.mask) < -10
+    # The metric reports the values as predicted, before the calibration.
+    assert first["value/explained_variance"] < -10
+    # Only once: a later batch (or a resumed run) keeps the head as it is.
+    before = weight.clone()
+    trainer.update(trainer.rollout(CONTEXTS[:4]), rewards)
+    assert torch.allclose(trainer.value_head.summary.weight, before, atol=1e-6)
 
 
 def test_reference_keeps_the_sft_adapter_on(tiny_model_dir: Path, tmp_path: Path) -> None:
