@@ -85,6 +85,15 @@ class PPOConfig:
     """LoRA rank of the policy and critic adapters."""
     lora_alpha: int = 32
     """LoRA alpha of the policy and critic adapters."""
+    ptx_coef: float = 0.0
+    """Weight of a language-modelling loss on human replies added to every policy step
+    (InstructGPT's PPO-ptx), against the drift away from human language that raises the gate's
+    perplexity guard. The replies are chitchat conversations of the starter's *training* split,
+    never the held-out ones the guard scores. 0: off."""
+    ptx_batch_size: int = 4
+    """Human conversations in the ptx loss of each policy step."""
+    ptx_conversations: int = 1000
+    """Training-split chitchat conversations the ptx batches are drawn from."""
     lora_target_modules: str = "all-linear"
     """Modules the adapters wrap: all-linear or a comma-separated list (q_proj,v_proj)."""
     seed: int = 0
@@ -98,6 +107,8 @@ class PPOConfig:
             "ppo_epochs",
             "max_new_tokens",
             "max_prompt_tokens",
+            "ptx_batch_size",
+            "ptx_conversations",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -123,6 +134,8 @@ class PPOConfig:
             raise ConfigError(f"kl_estimator: {self.kl_estimator!r} is not one of k1, k3")
         if min(self.critic_warmup, self.entropy_rows) < 0:
             raise ConfigError("critic_warmup and entropy_rows: must be >= 0")
+        if not self.ptx_coef >= 0:
+            raise ConfigError(f"ptx_coef: must be >= 0, got {self.ptx_coef}")
         try:
             self.sampling()
         except ValueError as exc:

@@ -180,6 +180,28 @@ def load_prompts(config: Config, store: Store, split: str, cutoff: Any) -> list[
 # ---- checkpoints -------------------------------------------------------------------------
 
 
+def ptx_conversations(n: int) -> list[list[dict[str, str]]]:
+    """The first `n` chitchat conversations of the starter's training split: disjoint from the
+    held-out ones the gate's perplexity guard scores (`rl.evaluate.human_replies`)."""
+    from agent.starter import StarterConfig, split_conversations
+    from agent.tiny import chitchat_conversations
+
+    train, _ = split_conversations(chitchat_conversations(), StarterConfig())
+    return train[:n]
+
+
+def human_rows(tokenizer, config: Config) -> list[tuple[list[int], list[int]]]:
+    """(ids, reply mask) of the ptx conversations in the policy's chat template, each cut after
+    its last reply within max_prompt_tokens + max_new_tokens tokens."""
+    from agent.heldout import encode_replies
+
+    limit = config.max_prompt_tokens + config.max_new_tokens
+    rows = [
+        encode_replies(tokenizer, c, limit) for c in ptx_conversations(config.ptx_conversations)
+    ]
+    return [(ids, mask) for ids, mask, _ in rows if any(mask)]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / "checkpoints").glob("iter-*"))
     return found[-1] if found else None
@@ -257,7 +279,10 @@ def main(config: Config, settings: Settings, resume: bool = False) -> int:
                 )
             policy = Policy(base, device=acc.device)
             policy.set_adapters(adapters)
-            trainer = PPOTrainer(config, policy, acc, value_init=reward_head(reward, policy))
+            ptx = human_rows(policy.tokenizer, config) if config.ptx_coef > 0 else None
+            trainer = PPOTrainer(
+                config, policy, acc, value_init=reward_head(reward, policy), ptx_rows=ptx
+            )
             envs = DialogueVectorEnv(
                 config.num_contexts, prompts, reward, max_turns=config.max_turns
             )

@@ -83,6 +83,7 @@ class PPOTrainer:
         policy: Policy,
         accelerator: Any = None,
         value_init: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ptx_rows: list[tuple[list[int], list[int]]] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -101,6 +102,9 @@ class PPOTrainer:
         set_trainable(self.model, self.trainable)
         lm = self.model.get_base_model()
         self.value_head = ValueHead(lm.config.get_text_config().hidden_size).to(self.device)
+        self.ptx_rows = (ptx_rows or []) if config.ptx_coef > 0 else []
+        if config.ptx_coef > 0 and not self.ptx_rows:
+            raise ConfigError("ptx_coef: > 0 needs human replies (ptx_rows), and none were given")
         self.calibrate_head = (
             value_init is not None and not self.rloo and config.calibrate_value_head
         )
@@ -342,6 +346,8 @@ class PPOTrainer:
                         add_to(sums, self._policy_backward(batch, idx, advantages, first))
                     if self.critic_params:
                         add_to(sums, self._critic_backward(batch, idx, returns))
+                if train_policy and self.ptx_rows:
+                    add_to(sums, self._ptx_backward())
                 add_to(sums, self._step(params, train_policy))
                 n_steps += 1
         self.model.eval()
@@ -377,6 +383,34 @@ class PPOTrainer:
             self.accelerator.backward(loss * scale)
         out["loss/policy"] = loss.item() * scale
         return out
+
+    def _ptx_backward(self) -> dict[str, float]:
+        """Forward and backward of ptx_coef x the mean next-token loss of `ptx_batch_size` human
+        conversations' reply tokens under the policy (right-padded; drawn with torch's RNG)."""
+        cfg = self.config
+        picks = torch.randint(len(self.ptx_rows), (cfg.ptx_batch_size,)).tolist()
+        rows = [self.ptx_rows[i] for i in picks]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        scored = torch.zeros(len(rows), width)
+        attention = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, (row_ids, row_mask) in enumerate(rows):
+            ids[r, : len(row_ids)] = torch.tensor(row_ids)
+            scored[r, : len(row_mask)] = torch.tensor(row_mask, dtype=torch.float)
+            attention[r, : len(row_ids)] = 1
+        ids, scored, attention = (
+            ids.to(self.device),
+            scored.to(self.device),
+            attention.to(self.device),
+        )
+        with use_adapters(self.model, self.policy_adapters, self.trainable):
+            logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), ids[:, 1:], reduction="none"
+            )  # (b, T-1)
+            loss = (nll * scored[:, 1:]).sum() / scored[:, 1:].sum().clamp(min=1)
+            self.accelerator.backward(cfg.ptx_coef * loss)
+        return {"loss/ptx": loss.item()}
 
     def _critic_backward(
         self, batch: Rollout, idx: torch.Tensor, returns: torch.Tensor

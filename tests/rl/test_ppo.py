@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from agent.errors import ConfigError
 from agent.modeling import Policy
 from rl.env import DialogueVectorEnv, Prompt
 from rl.ppo import PPOConfig, PPOTrainer
@@ -292,6 +293,60 @@ def test_a_value_head_copied_from_the_reward_model_is_calibrated_on_the_first_ba
     before = weight.clone()
     trainer.update(trainer.rollout(CONTEXTS[:4]), rewards)
     assert torch.allclose(trainer.value_head.summary.weight, before, atol=1e-6)
+
+
+def test_ptx_pulls_the_policy_towards_human_replies(peaked_model_dir: Path) -> None:
+    from rl.ppo.job import Config, human_rows
+
+    tokenizer = Policy(peaked_model_dir, device="cpu").tokenizer
+    rows = human_rows(tokenizer, Config(max_prompt_tokens=48, ptx_conversations=8))
+    assert rows and all(len(ids) == len(mask) and any(mask) for ids, mask in rows)
+    losses = {}
+    for coef in (0.0, 1.0):
+        config = small_config(ptx_coef=coef, ptx_batch_size=8, learning_rate=3e-2, ppo_epochs=4)
+        trainer = PPOTrainer(config, Policy(peaked_model_dir, device="cpu"), ptx_rows=rows)
+        before = human_loss(trainer, rows)
+        for _ in range(4):  # equal rewards: the policy loss has nothing to say, ptx does
+            metrics = trainer.update(trainer.rollout(CONTEXTS[:4]), torch.zeros(4))
+        assert ("loss/ptx" in metrics) == (coef > 0)
+        losses[coef] = human_loss(trainer, rows)
+    assert losses[1.0] < before - 0.1 and losses[1.0] < losses[0.0] - 0.1, (before, losses)
+
+
+def human_loss(trainer: PPOTrainer, rows: list[tuple[list[int], list[int]]]) -> float:
+    """Mean next-token loss of the rows' reply tokens under the policy (its adapter active)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in rows:
+            x = torch.tensor([ids])
+            logits = trainer.model(input_ids=x).logits[0, :-1]
+            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            total, count = total + float(nll[keep].sum()), count + int(keep.sum())
+    return total / count
+
+
+def test_ptx_never_sees_the_gates_held_out_replies() -> None:
+    from agent.heldout import held_out_conversations
+    from rl.evaluate import human_replies
+    from rl.ppo.job import ptx_conversations
+
+    def texts(messages: list[dict[str, str]]) -> tuple[str, ...]:
+        return tuple(m["content"] for m in messages if m["role"] != "system")
+
+    held = [texts(c) for c in held_out_conversations(64)]
+    contexts, replies = human_replies(64)  # what the guard scores: openings of those
+    for conversation, context, reply in zip(held, contexts, replies, strict=True):
+        assert conversation[: len(texts(context)) + 1] == (*texts(context), reply)
+    ptx = {texts(c) for c in ptx_conversations(10_000)}
+    assert len(ptx) > 3000 and not ptx & set(held)
+
+
+def test_ptx_needs_human_replies(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="ptx_coef"):
+        PPOTrainer(small_config(ptx_coef=0.5), Policy(tiny_model_dir, device="cpu"))
+    with pytest.raises(ConfigError, match="ptx_coef"):
+        small_config(ptx_coef=-1.0)
 
 
 def test_reference_keeps_the_sft_adapter_on(tiny_model_dir: Path, tmp_path: Path) -> None:
