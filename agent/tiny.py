@@ -233,6 +233,24 @@ def build_tiny_model(
     return out_dir
 
 
+def build_peaked_model(src: str | Path, out_dir: str | Path, scale: float = 6.0) -> Path:
+    """`src` with its (tied) embeddings scaled by `scale`, saved with its tokenizer to `out_dir`.
+
+    A freshly initialised model's logits are nearly uniform and stay within about +-1.3 however
+    its linear layers change (tied output embeddings of std 0.02 after RMSNorm), so no LoRA
+    adapter can make it prefer anything; scaled embeddings give a peaked random model, which,
+    like a trained one, an adapter can steer (PPO's learning test and benchmarks use it).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(scale)
+    model.save_pretrained(str(out_dir))
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
 def build_tiny_adapter(
     model: str | Path | torch.nn.Module,
     out_dir: str | Path,

@@ -51,18 +51,11 @@ def share_of_e(context: list[dict[str, str]], reply: str) -> float:
 
 def peaked_model(work: Path) -> Path:
     """The test's model: the tiny random Llama with its embeddings scaled 6x."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from agent.tiny import build_tiny_model
+    from agent.tiny import build_peaked_model, build_tiny_model
 
     out = work / "peaked"
     if not (out / "config.json").exists():
-        tiny = build_tiny_model(work / "tiny")
-        model = AutoModelForCausalLM.from_pretrained(tiny)
-        with torch.no_grad():
-            model.get_input_embeddings().weight.mul_(6.0)
-        model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(tiny).save_pretrained(out)
+        build_peaked_model(build_tiny_model(work / "tiny"), out)
     return out
 
 

@@ -58,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace) -> None:
     """Policy dir, reward model dir and prompts under args.work (built once, reused)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    from agent.tiny import build_tiny_model, chitchat_conversations
+    from agent.tiny import build_peaked_model, build_tiny_model, chitchat_conversations
 
     work = args.work
     if (work / "prompts.json").is_file():
@@ -70,11 +70,8 @@ def prepare(args: argparse.Namespace) -> None:
         work / "policy", hidden_size=args.hidden, num_layers=args.layers, vocab_size=args.vocab
     )
     # A random model's logits are nearly uniform and out of a LoRA adapter's reach; scaled
-    # (tied) embeddings make it peaked, like a trained model (see tests/rl/test_ppo.py).
-    model = AutoModelForCausalLM.from_pretrained(policy)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(4.0)
-    model.save_pretrained(policy)
+    # (tied) embeddings make it peaked, like a trained model.
+    build_peaked_model(policy, policy, scale=4.0)
     torch.manual_seed(1)
     reward = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
     reward.save_pretrained(work / "reward")

@@ -10,6 +10,7 @@ import torch
 
 from agent.errors import ConfigError
 from agent.modeling import Policy
+from agent.tiny import build_peaked_model
 from rl.env import DialogueVectorEnv, Prompt
 from rl.ppo import PPOConfig, PPOTrainer
 from rl.ppo.maths import (
@@ -422,22 +423,8 @@ def test_exploding_kl_stops_the_run(peaked_model_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def peaked_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with its (tied) embeddings scaled up 6x.
-
-    A freshly initialised model's logits are nearly uniform and stay within about +-1.3 however
-    its linear layers change (tied output embeddings of std 0.02 after RMSNorm), so no LoRA
-    adapter can make it prefer anything; scaled embeddings give a peaked random model, which,
-    like a trained one, an adapter can steer.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("peaked") / "model"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(6.0)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    """The tiny model with its (tied) embeddings scaled up 6x (see `build_peaked_model`)."""
+    return build_peaked_model(tiny_model_dir, tmp_path_factory.mktemp("peaked") / "model")
 
 
 def share_of_e(context: list[dict[str, str]], reply: str) -> float:
