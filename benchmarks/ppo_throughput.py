@@ -255,9 +255,14 @@ def run_trl190_ppo(args: argparse.Namespace) -> dict[str, Any]:
     )
     for m in (reward, value):
         m.config.pad_token_id = tok.pad_token_id
+    # TRL 1.9.0: batch = per_device_train_batch_size x gradient_accumulation_steps (16), split
+    # into num_mini_batches (2) of 8, each cut into micro-batches of per_device_train_batch_size.
+    # The earlier 8 x 2 gave one micro-batch per minibatch with accumulation over 2: half the
+    # optimiser steps of ours, and half the stats slots left at 0 (its `val/ratio` read 0.5).
+    # 16 x 1: one optimiser step per minibatch of 8, 2 minibatches x 2 epochs, as ours.
     config = PPOConfig(
-        output_dir=str(work / "trl190_out"), per_device_train_batch_size=8, gradient_accumulation_steps=2,
-        num_mini_batches=2, num_ppo_epochs=2, total_episodes=16 * args.steps, response_length=args.reply_tokens,
+        output_dir=str(work / "trl190_out"), per_device_train_batch_size=16, gradient_accumulation_steps=1,
+        num_mini_batches=2, num_ppo_epochs=2, lr_scheduler_type="constant", total_episodes=16 * args.steps, response_length=args.reply_tokens,
         learning_rate=args.lr, kl_coef=0.05, temperature=1.0, missing_eos_penalty=None, stop_token="eos",
         local_rollout_forward_batch_size=16, num_sample_generations=0, report_to="none", logging_steps=1,
         save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), seed=0,
@@ -313,7 +318,7 @@ def run_trl_rloo(args: argparse.Namespace) -> dict[str, Any]:
     # 8 prompts x 2 completions = 16 replies per generation, used for 2 minibatches x 2 epochs.
     config = RLOOConfig(
         output_dir=str(work / "rloo_out"), per_device_train_batch_size=8, num_generations=2,
-        steps_per_generation=2, num_iterations=2, max_steps=4 * args.steps,
+        steps_per_generation=2, num_iterations=2, max_steps=4 * args.steps, lr_scheduler_type="constant",
         max_completion_length=args.reply_tokens, learning_rate=args.lr, beta=0.05, temperature=1.0,
         top_p=1.0, report_to="none", logging_steps=1, save_strategy="no",
         use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), seed=0,
