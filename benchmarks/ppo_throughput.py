@@ -1,20 +1,29 @@
-"""Throughput and reward gain: our PPO vs TRL 1.9.0's PPOTrainer vs the current TRL's RLOOTrainer.
+"""Throughput, reward gain and critic quality: our PPO and RLOO vs TRL 1.9.0's PPOTrainer and
+the current TRL's RLOOTrainer, like for like.
 
     .venv/bin/pip install --no-deps --target .bench/trl190 trl==1.9.0
-    .venv/bin/python benchmarks/ppo_throughput.py --steps 30            # CPU: a small model
+    .venv/bin/python benchmarks/ppo_throughput.py --steps 30            # CPU: a small random model
+    .venv/bin/python benchmarks/ppo_throughput.py --policy FOLDER --steps 8 --threads 2 --clock wall
+                                                    # CPU: a real model (SmolLM2's converted folder)
     .venv/bin/python benchmarks/ppo_throughput.py --hidden 1152 --layers 24  # GPU: a larger shape
 
-One invocation prepares one policy model, one reward model (a sequence classifier with a
-random score head, the same weights for all three) and one prompt set, then runs the three
-trainers in turn, each in its own subprocess (TRL 1.9.0 and the current TRL cannot share an
-interpreter; 1.9.0 is put first on sys.path for its run). All use LoRA on the policy, the same
-batch (16 replies per iteration, minibatches of 8, 2 epochs), reply length, sampling
-(temperature 1, full distribution), KL coefficient and learning rate. Reported per trainer:
-generated tokens per second of generation ("rollout") and of everything else ("update":
-scoring forwards, reward, optimisation), overall tokens/s, and reward gained per minute
-(mean reward-model score of the last quarter of iterations minus the first quarter, over the
-run's time). Time is process CPU time on CPU (the machine may be shared; each run uses
-`--threads` threads) and wall time on GPU. Not a test: numbers depend on the machine.
+One invocation prepares one policy (a random model of --hidden/--layers/--vocab, or --policy),
+one reward model (a sequence classifier on the policy's weights with a random score head, the
+same for all) and one prompt set, then runs the four trainers in turn, each in its own
+subprocess (TRL 1.9.0 and the current TRL cannot share an interpreter; 1.9.0 is put first on
+sys.path for its run). All use LoRA on the policy, 16 replies per iteration, minibatches of 8,
+2 epochs (one optimiser step per minibatch: 4 per iteration), a constant learning rate, the
+same reply length, sampling (temperature 1, full distribution) and KL coefficient. Both PPOs
+train a critic from the first iteration (TRL: a full value model initialised from the reward
+model; ours: a second LoRA adapter + value head initialised from the reward head, with our
+critic warm-up switched off so the policy steps as often as TRL's). Reported per trainer:
+generated tokens per second of generation ("rollout") and of everything else ("update"),
+overall tokens/s, reward gained per minute (mean reward-model score of the last quarter of
+iterations minus the first quarter, over the run's time), the critic's explained variance
+(mean over the second half of the iterations, of the values predicted at rollout time) and
+the first iteration's mean new/old probability ratio (it should be ~1). Time is process CPU
+time on CPU by default (`--clock wall` when nothing else runs) and wall time on GPU. Not a
+test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -30,12 +39,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_190 = ROOT / ".bench" / "trl190"
-TRAINERS = ("ours", "trl190_ppo", "trl_rloo")
+TRAINERS = ("ours", "ours_rloo", "trl190_ppo", "trl_rloo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30, help="iterations (batches of 16 replies)")
+    p.add_argument(
+        "--policy", type=Path,
+        help="a Hugging Face model folder to train (e.g. the converted SmolLM2-135M-Instruct) "
+        "instead of a random model of --hidden/--layers/--vocab",
+    )  # fmt: skip
     p.add_argument("--hidden", type=int, default=256, help="model width")
     p.add_argument("--layers", type=int, default=4, help="model depth")
     p.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary")
@@ -66,12 +80,15 @@ def prepare(args: argparse.Namespace) -> None:
     if (work / "prompts.json").is_file():
         return
     work.mkdir(parents=True, exist_ok=True)
-    policy = build_tiny_model(
-        work / "policy", hidden_size=args.hidden, num_layers=args.layers, vocab_size=args.vocab
-    )
-    # A random model's logits are nearly uniform and out of a LoRA adapter's reach; scaled
-    # (tied) embeddings make it peaked, like a trained model.
-    build_peaked_model(policy, policy, scale=4.0)
+    if args.policy is not None:
+        policy = args.policy
+    else:
+        policy = build_tiny_model(
+            work / "policy", hidden_size=args.hidden, num_layers=args.layers, vocab_size=args.vocab
+        )
+        # A random model's logits are nearly uniform and out of a LoRA adapter's reach; scaled
+        # (tied) embeddings make it peaked, like a trained model.
+        build_peaked_model(policy, policy, scale=4.0)
     torch.manual_seed(1)
     reward = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
     reward.save_pretrained(work / "reward")
@@ -83,6 +100,10 @@ def prepare(args: argparse.Namespace) -> None:
     (work / "prompts.json").write_text(json.dumps(prompts))
 
 
+def policy_dir(args: argparse.Namespace) -> Path:
+    return args.policy if args.policy is not None else args.work / "policy"
+
+
 def result(
     name: str,
     tokens: float,
@@ -91,9 +112,13 @@ def result(
     rewards: list[float],
     wall_s: float,
     device: str,
+    evs: list[float] | None = None,
+    first_ratio: float | None = None,
 ) -> dict[str, Any]:
-    """Summary of one run from its totals and its per-iteration mean rewards."""
+    """Summary of one run from its totals, its per-iteration mean rewards and (PPO) its
+    critic's per-iteration explained variance."""
     q = max(1, len(rewards) // 4)
+    late = [e for e in (evs or [])[len(evs or []) // 2 :] if e == e]  # second half, not NaN
     first, last = sum(rewards[:q]) / q, sum(rewards[-q:]) / q
     return {
         "trainer": name,
@@ -108,14 +133,16 @@ def result(
         "reward_gain_per_min": (last - first) / (wall_s / 60),
         "clock_s": wall_s,
         "clock": "cpu" if CLOCK["fn"] is time.process_time else "wall",
+        "explained_variance": evs or [],
+        "ev_second_half": sum(late) / len(late) if late else None,
+        "first_ratio": first_ratio,
     }
 
 
 # ---- the three trainers (each runs in a child process) ---------------------------------------
 
 
-def run_ours(args: argparse.Namespace) -> dict[str, Any]:
-
+def run_ours(args: argparse.Namespace, algorithm: str = "ppo") -> dict[str, Any]:
     from agent.modeling import Policy
     from rl.env import DialogueVectorEnv, Prompt
     from rl.ppo import PPOConfig, PPOTrainer
@@ -127,14 +154,17 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         Prompt([{"role": "user", "content": t}])
         for t in json.loads((work / "prompts.json").read_text())
     ]
+    # critic_warmup 0: the policy steps from the first iteration, as TRL's does (ours would
+    # otherwise hold it for two iterations while the critic warms up). rloo: 8 contexts x 2.
     config = PPOConfig(
-        batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=args.reply_tokens,
-        learning_rate=args.lr, kl_coef=0.05, missing_eos_penalty=0.0, max_prompt_tokens=128,
+        algorithm=algorithm, batch_size=16, rloo_k=2, mini_batch_size=8, ppo_epochs=2,
+        max_new_tokens=args.reply_tokens, learning_rate=args.lr, kl_coef=0.05, critic_warmup=0,
+        missing_eos_penalty=0.0, max_prompt_tokens=128,
     )  # fmt: skip
-    policy = Policy(work / "policy")
+    policy = Policy(policy_dir(args))
     reward = RewardModel.load(work / "reward", device=policy.device)
     trainer = PPOTrainer(config, policy, value_init=reward_head(reward, policy))
-    envs = DialogueVectorEnv(16, prompts, reward)
+    envs = DialogueVectorEnv(config.num_contexts, prompts, reward)
     envs.reset(seed=0)
     gen = {"s": 0.0}
     original = trainer._generate
@@ -148,14 +178,25 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     trainer._generate = timed_generate  # type: ignore[method-assign]
-    tokens, rewards, wall = 0.0, [], now()
+    tokens, rewards, evs, ratio, wall = 0.0, [], [], None, now()
     for _ in range(args.steps):
         m = trainer.train_step(envs)
         tokens += m["reply/length"] * 16
         rewards.append(m["reward/mean"])
+        if "value/explained_variance" in m:
+            evs.append(m["value/explained_variance"])
+        if ratio is None and "policy/ratio" in m:
+            ratio = m["policy/ratio"]
     _sync()
     wall = now() - wall
-    return result("ours", tokens, gen["s"], wall, rewards, wall, str(policy.device))
+    name = "ours" if algorithm == "ppo" else "ours_rloo"
+    return result(
+        name, tokens, gen["s"], wall, rewards, wall, str(policy.device), evs or None, ratio
+    )
+
+
+def run_ours_rloo(args: argparse.Namespace) -> dict[str, Any]:
+    return run_ours(args, algorithm="rloo")
 
 
 CLOCK = {"fn": time.perf_counter}
@@ -195,6 +236,8 @@ class StepRecorder:
             def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
                 if logs and reward_key in logs and logs[reward_key] == logs[reward_key]:  # not NaN
                     recorder.rewards.append(float(logs[reward_key]))
+                if logs and "val/ratio" in logs:
+                    recorder.ratios.append(float(logs["val/ratio"]))
 
         self.callback = Callback()
         self.step_start = 0.0
@@ -202,6 +245,8 @@ class StepRecorder:
         self.rewards: list[float] = []
         self.gen_times: list[float] = []
         self.gen_tokens: list[int] = []
+        self.ratios: list[float] = []
+        self.evs: list[float] = []
 
     def timed(self, fn, count_tokens):  # noqa: ANN001, ANN201
         """`fn` wrapped to add its time and generated-token count to the current step."""
@@ -241,7 +286,7 @@ def run_trl190_ppo(args: argparse.Namespace) -> dict[str, Any]:
     from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
 
     work = args.work
-    model, tok = load_base(work / "policy")
+    model, tok = load_base(policy_dir(args))
     texts = json.loads((work / "prompts.json").read_text())
     dataset = Dataset.from_dict(
         {"input_ids": [encode_chat(tok, [{"role": "user", "content": t}])[-128:] for t in texts]}
@@ -275,6 +320,7 @@ def run_trl190_ppo(args: argparse.Namespace) -> dict[str, Any]:
         return int((responses != tok.pad_token_id).sum())
 
     ppo_trainer.batch_generation = recorder.timed(ppo_trainer.batch_generation, count)
+    ppo_trainer.masked_whiten = critic_ev_probe(ppo_trainer.masked_whiten, recorder)
     trainer = PPOTrainer(
         args=config, processing_class=tok, model=model, ref_model=None, reward_model=reward,
         train_dataset=dataset, value_model=value, peft_config=lora_config(), callbacks=[recorder.callback],
@@ -283,6 +329,27 @@ def run_trl190_ppo(args: argparse.Namespace) -> dict[str, Any]:
     trainer.train()
     wall = now() - wall
     return _from_recorder("trl190_ppo", recorder, wall, str(model.device))
+
+
+def critic_ev_probe(masked_whiten, recorder: StepRecorder):  # noqa: ANN001, ANN201
+    """TRL 1.9.0's `masked_whiten`, which also records its critic's explained variance.
+
+    TRL logs no explained variance. Its train loop computes `returns = advantages + values`
+    and then whitens the advantages over the reply tokens; at that call the caller's frame
+    holds the rollout's values and returns, so the probe takes them from there and applies
+    our own `explained_variance` on the same reply mask (values as predicted before the
+    update, like ours). Benchmark instrumentation only."""
+    from rl.ppo.maths import explained_variance
+
+    def probe(values, mask, shift_mean=True):  # noqa: ANN001, ANN202
+        caller = sys._getframe(1).f_locals
+        if values is caller.get("advantages") and "returns" in caller:
+            recorder.evs.append(
+                explained_variance(caller["values"].float(), caller["returns"].float(), mask)
+            )
+        return masked_whiten(values, mask, shift_mean)
+
+    return probe
 
 
 def _from_recorder(name: str, rec: StepRecorder, wall: float, device: str) -> dict[str, Any]:
@@ -295,6 +362,8 @@ def _from_recorder(name: str, rec: StepRecorder, wall: float, device: str) -> di
         rec.rewards,
         wall,
         device,
+        rec.evs or None,
+        rec.ratios[0] if rec.ratios else None,
     )
 
 
@@ -308,7 +377,7 @@ def run_trl_rloo(args: argparse.Namespace) -> dict[str, Any]:
     from agent.modeling import load_base
 
     work = args.work
-    model, tok = load_base(work / "policy")
+    model, tok = load_base(policy_dir(args))
     texts = json.loads((work / "prompts.json").read_text())
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
     reward = AutoModelForSequenceClassification.from_pretrained(
@@ -340,7 +409,12 @@ def run_trl_rloo(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- the driver ------------------------------------------------------------------------------
 
-RUNNERS = {"ours": run_ours, "trl190_ppo": run_trl190_ppo, "trl_rloo": run_trl_rloo}
+RUNNERS = {
+    "ours": run_ours,
+    "ours_rloo": run_ours_rloo,
+    "trl190_ppo": run_trl190_ppo,
+    "trl_rloo": run_trl_rloo,
+}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -357,21 +431,24 @@ def child(args: argparse.Namespace) -> None:
 def table(results: list[dict[str, Any]]) -> str:
     ours = next((r for r in results if r["trainer"] == "ours"), None)
     lines = [
-        "| trainer | device | clock | iters | rollout tok/s | update tok/s | overall tok/s | reward first→last | reward gain/min | overall tok/s vs ours |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| trainer | device | clock | iters | rollout tok/s | update tok/s | overall tok/s | reward first→last | reward gain/min | critic EV (2nd half) | first ratio | ours' overall tok/s ÷ this |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = (
-            f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x slower"
-            if ours and r is not ours
-            else "—"
+            f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if ours and r is not ours else "—"
         )
         lines.append(
             f"| {r['trainer']} | {r['device']} | {r['clock']} | {r['iterations']} | {r['rollout_tokens_per_s']:.0f} | "
             f"{r['update_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
-            f"{r['reward_first']:.3f}→{r['reward_last']:.3f} | {r['reward_gain_per_min']:.3f} | {ratio} |"
+            f"{r['reward_first']:.3f}→{r['reward_last']:.3f} | {r['reward_gain_per_min']:.3f} | "
+            f"{_num(r.get('ev_second_half'))} | {_num(r.get('first_ratio'))} | {ratio} |"
         )
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
