@@ -56,14 +56,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reply-tokens", type=int, default=24, help="max new tokens per reply")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (LoRA)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
-    p.add_argument("--work", type=Path, default=ROOT / ".bench" / "ppo_work", help="scratch dir")
+    p.add_argument(
+        "--work", type=Path,
+        help="scratch dir (default: .bench/ppo_work/<the policy's folder name or shape>)",
+    )  # fmt: skip
     p.add_argument(
         "--clock", choices=("auto", "cpu", "wall"), default="auto",
         help="time with process CPU time or wall time (auto: cpu without CUDA, else wall)",
     )  # fmt: skip
     p.add_argument("--only", choices=TRAINERS, action="append", help="run only these")
     p.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.work is None:  # prepared inputs are reused: one folder per policy
+        key = (
+            args.policy.resolve().name
+            if args.policy is not None
+            else f"h{args.hidden}-l{args.layers}-v{args.vocab}"
+        )
+        args.work = ROOT / ".bench" / "ppo_work" / key
+    return args
 
 
 # ---- shared inputs ---------------------------------------------------------------------------
