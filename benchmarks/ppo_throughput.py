@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument(
         "--work", type=Path,
-        help="scratch dir (default: .bench/ppo_work/<the policy's folder name or shape>)",
+        help="scratch dir (default: .bench/ppo_work/<the policy's path or shape>)",
     )  # fmt: skip
     p.add_argument(
         "--clock", choices=("auto", "cpu", "wall"), default="auto",
@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.work is None:  # prepared inputs are reused: one folder per policy
         key = (
-            args.policy.resolve().name
-            if args.policy is not None
+            str(args.policy.resolve()).strip("/").replace("/", "_")  # the whole path: two
+            if args.policy is not None  # data dirs' "models/2" are different models
             else f"h{args.hidden}-l{args.layers}-v{args.vocab}"
         )
         args.work = ROOT / ".bench" / "ppo_work" / key
@@ -123,13 +123,13 @@ def result(
     rewards: list[float],
     wall_s: float,
     device: str,
-    evs: list[float] | None = None,
-    first_ratio: float | None = None,
+    evs: list[float],
+    first_ratio: float | None,
 ) -> dict[str, Any]:
     """Summary of one run from its totals, its per-iteration mean rewards and (PPO) its
     critic's per-iteration explained variance."""
     q = max(1, len(rewards) // 4)
-    late = [e for e in (evs or [])[len(evs or []) // 2 :] if e == e]  # second half, not NaN
+    late = [e for e in evs[len(evs) // 2 :] if e == e]  # second half, not NaN (empty: no critic)
     first, last = sum(rewards[:q]) / q, sum(rewards[-q:]) / q
     return {
         "trainer": name,
@@ -144,13 +144,13 @@ def result(
         "reward_gain_per_min": (last - first) / (wall_s / 60),
         "clock_s": wall_s,
         "clock": "cpu" if CLOCK["fn"] is time.process_time else "wall",
-        "explained_variance": evs or [],
+        "explained_variance": evs,
         "ev_second_half": sum(late) / len(late) if late else None,
         "first_ratio": first_ratio,
     }
 
 
-# ---- the three trainers (each runs in a child process) ---------------------------------------
+# ---- the four trainers (each runs in a child process) ---------------------------------------
 
 
 def run_ours(args: argparse.Namespace, algorithm: str = "ppo") -> dict[str, Any]:
@@ -201,9 +201,7 @@ def run_ours(args: argparse.Namespace, algorithm: str = "ppo") -> dict[str, Any]
     _sync()
     wall = now() - wall
     name = "ours" if algorithm == "ppo" else "ours_rloo"
-    return result(
-        name, tokens, gen["s"], wall, rewards, wall, str(policy.device), evs or None, ratio
-    )
+    return result(name, tokens, gen["s"], wall, rewards, wall, str(policy.device), evs, ratio)
 
 
 def run_ours_rloo(args: argparse.Namespace) -> dict[str, Any]:
@@ -373,7 +371,7 @@ def _from_recorder(name: str, rec: StepRecorder, wall: float, device: str) -> di
         rec.rewards,
         wall,
         device,
-        rec.evs or None,
+        rec.evs,
         rec.ratios[0] if rec.ratios else None,
     )
 
