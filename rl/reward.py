@@ -36,7 +36,7 @@ from agent.modeling import default_dtype, load_tokenizer, pick_device
 from agent.registry import ModelRegistry
 from agent.store.api import Store
 from rl.datasets import PreferenceData, PreferenceOptions, build_preference_data
-from rl.reward_model import RewardModel, tokenize_pairs
+from rl.reward_model import POOLING, RewardModel, set_pooling, tokenize_pairs
 from rl.runs import Run, training_run
 from rl.sft import (
     JobConfig,
@@ -93,6 +93,9 @@ class Config(JobConfig):
     """Passes over the training pairs (ignored when max_steps > 0)."""
     max_length: int = 512
     """Longest tokenized (context + reply); longer pairs are dropped."""
+    pooling: str = "last"
+    """Where the score is read: last (the last token, Hugging Face's classifiers) or mean (the
+    mean of the last hidden states over every token; rl.reward_model.set_pooling)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +103,8 @@ class Config(JobConfig):
             raise ConfigError(f"init_from: {self.init_from!r} is not one of {', '.join(INIT_FROM)}")
         if self.train_split not in ("train", "judge"):
             raise ConfigError(f"train_split: {self.train_split!r} is not one of train, judge")
+        if self.pooling not in POOLING:
+            raise ConfigError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLING)}")
         if self.reference_size < 2:
             raise ConfigError(f"reference_size: must be >= 2, got {self.reference_size}")
 
@@ -192,7 +197,7 @@ def build_model(
             model = PeftModel.from_pretrained(model, adapter, config=adapter_config)
             model = model.merge_and_unload()
         model.requires_grad_(True)  # peft froze the trunk while merging; full training needs it
-    return model.to(device), tokenizer
+    return set_pooling(model, config.pooling).to(device), tokenizer
 
 
 def main(

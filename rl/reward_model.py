@@ -5,6 +5,10 @@ model with one label (LoRA already merged in), its tokenizer, and `reward_stats.
 mean and std of its raw scores on a reference set, so that `score(..., normalize=True)` puts
 rewards on a standard scale (mean 0, std 1 on the reference replies). Replies are encoded
 exactly as in training: the chat template over context + the assistant reply.
+
+Where the score is read (`set_pooling`, recorded in the saved config as `reward_pooling`):
+`last`, Hugging Face's own, reads the head at the last token; `mean` reads it at the mean of
+the last hidden states over every attended token, so each word of the reply counts directly.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from agent.errors import NotFoundError, ValidationError
+from agent.errors import ConfigError, NotFoundError, ValidationError
 from agent.modeling import default_dtype, encode_chat, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,58 @@ STATS_FILE = "reward_stats.json"
 """Mean, std and max_length of a saved reward model, next to its weights."""
 
 Chat = list[dict[str, str]]
+
+POOLING = ("last", "mean")
+
+
+def set_pooling(model: PreTrainedModel, pooling: str) -> PreTrainedModel:
+    """Make a one-label classifier read its score the `pooling` way, and record it in its config.
+
+    last: the head at the last non-PAD token (the classifier's own pooling). mean: the head at
+    the mean of the last hidden states over the attended tokens (a context's hidden states are
+    the same under every reply to it, so replies differ by their own tokens). Since the head is
+    linear, that is the mean of the head's per-token scores. Why (docs/LOOP.md): on
+    141 SmolLM2 preference pairs, a linear probe of frozen SmolLM2's mean hidden state over the
+    reply separated the test pairs 0.72-0.76 of the time, one of its last token's 0.54-0.64.
+    """
+    if pooling not in POOLING:
+        raise ConfigError(f"pooling: {pooling!r} is not one of {', '.join(POOLING)}")
+    model.config.reward_pooling = pooling
+    if pooling == "mean":
+        _MeanPooling(model.base_model)
+    return model
+
+
+def pooling_of(model: PreTrainedModel) -> str:
+    """The pooling recorded in a classifier's config (`last` for models saved before it was)."""
+    return str(model.config.to_dict().get("reward_pooling", "last"))
+
+
+class _MeanPooling:
+    """Hooks on a classifier's trunk: every position's last hidden state becomes the masked mean
+    over the attended positions, so the classifier's last-token read-out reads the mean.
+
+    On the trunk rather than the classifier because peft's LoRA wrapper calls the classifier's
+    `forward` directly (bypassing its hooks) but calls the trunk as a module."""
+
+    def __init__(self, trunk: torch.nn.Module) -> None:
+        self.attention_mask: torch.Tensor | None = None
+        trunk.register_forward_pre_hook(self._keep_mask, with_kwargs=True)
+        trunk.register_forward_hook(self._pool)
+
+    def _keep_mask(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.attention_mask = kwargs.get("attention_mask")
+
+    def _pool(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        hidden = output.last_hidden_state  # (B, T, H)
+        mask = self.attention_mask
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        weights = mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
+        mean = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, H)
+        output.last_hidden_state = mean.to(hidden.dtype).unsqueeze(1).expand_as(hidden)
+        self.attention_mask = None
+        return output
 
 
 def encode_pair(tokenizer: PreTrainedTokenizerBase, context: Chat, reply: str) -> list[int]:
@@ -89,6 +145,7 @@ class RewardModel:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=1, dtype=default_dtype(chosen)
         )
+        set_pooling(model, pooling_of(model))
         return cls(
             model.to(chosen),
             load_tokenizer(path),
@@ -137,7 +194,7 @@ class RewardModel:
         return scores
 
     def _forward(self, batch: list[list[int]]) -> torch.Tensor:
-        """Raw scores of one batch, right-padded (the model pools the last non-PAD token)."""
+        """Raw scores of one batch, right-padded (the model pools as `set_pooling` made it)."""
         width = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)

@@ -12,11 +12,11 @@ from synthetic import fill_synthetic_feedback
 from transformers import TrainerCallback
 
 from agent.config import Settings
-from agent.errors import ValidationError
+from agent.errors import ConfigError, ValidationError
 from agent.store.api import Store
 from agent.store.splits import SplitFractions, assign_splits
 from rl import reward
-from rl.reward_model import STATS_FILE, RewardModel
+from rl.reward_model import STATS_FILE, RewardModel, pooling_of, set_pooling
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rl/conftest.py
 
@@ -265,3 +265,63 @@ def test_cli_prints_the_too_little_data_error(
     code = main([*argv, "train", "reward", "--set", f"base_model={tiny_model_dir}"])
     assert code == 2
     assert "need at least 16 preference pairs to train a reward model" in capsys.readouterr().err
+
+
+def test_mean_pooling_reads_the_mean_of_every_tokens_score(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    from agent.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    plain = copy.deepcopy(model)  # the same weights, read at the last token
+    rm = RewardModel(set_pooling(model, "mean"), tokenizer)
+    contexts = [[{"role": "user", "content": "hello there"}]] * 3
+    replies = ["short", "a much longer reply with many words in it", "mid length one"]
+
+    def expected(context: list[dict[str, str]], reply: str) -> float:
+        ids = torch.tensor([rm.encode(context, reply)])  # (1, T)
+        with torch.no_grad():
+            hidden = plain.base_model(ids).last_hidden_state  # (1, T, H)
+            return plain.score(hidden.mean(1)).item()
+
+    batched = rm.score(contexts, replies, normalize=False)  # right-padded to the longest
+    assert batched.tolist() == pytest.approx(
+        [expected(c, r) for c, r in zip(contexts, replies, strict=True)], abs=1e-6
+    )
+    last = RewardModel(plain, tokenizer).score(contexts, replies, normalize=False)
+    assert not torch.allclose(batched, last)
+
+    saved = RewardModel.load(rm.save(tmp_path / "rm"))
+    assert pooling_of(saved.model) == "mean"
+    assert torch.allclose(saved.score(contexts, replies, normalize=False), batched, atol=1e-5)
+    assert (
+        pooling_of(RewardModel.load(RewardModel(plain, tokenizer).save(tmp_path / "last")).model)
+        == "last"
+    )
+
+
+def test_an_unknown_pooling_fails_at_start_up(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="pooling: 'max' is not one of last, mean"):
+        fast_config(tiny_model_dir, pooling="max")
+
+
+@pytest.mark.slow
+def test_a_mean_pooled_reward_model_learns_through_lora(
+    feedback_db: tuple[Settings, dict[str, Any]], tiny_model_dir: Path
+) -> None:
+    settings, _ = feedback_db
+    store = Store.open(settings)
+    version = store.get_model_version(
+        reward.main(fast_config(tiny_model_dir, pooling="mean"), settings)
+    )
+    store.close()
+    rm = RewardModel.load(version.path, device="cpu")
+    assert pooling_of(rm.model) == "mean"
+    # Scored mean-pooled after training: high only if LoRA trained the mean-pooled score.
+    assert version.metrics["eval/pairwise_accuracy"] >= 0.9
+    assert version.metrics["test/pairwise_accuracy"] >= 0.8
