@@ -311,6 +311,9 @@ class Policy:
             self.model.base_model.set_adapter(names, inference_mode=True)
             for d in [d for d in self._names if d not in wanted]:
                 self.model.delete_adapter(self._names.pop(d))
+            # peft looks up one adapter's config by name (PeftModel.active_adapter) in forward
+            # and generate, and leaves that name on a deleted adapter when several stay active.
+            self.model.active_adapter = names[0]
         elif self.model is not self.base_model:
             self.model = self.model.unload()  # back to the same base modules, weights untouched
             self._names.clear()

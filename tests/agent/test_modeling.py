@@ -48,6 +48,7 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return {
         "a": make_adapter(fresh(), root / "a", seed=1),
         "b": make_adapter(fresh(), root / "b", seed=2, targets=("q_proj", "o_proj")),
+        "c": make_adapter(fresh(), root / "c", seed=4),
         "wide": make_adapter(LlamaForCausalLM(wide), root / "wide", seed=3),
     }
 
@@ -170,6 +171,31 @@ def test_set_adapters_swaps_without_reloading_base(tiny_model_dir: Path, adapter
     for name, param in policy.base_model.named_parameters():
         original, ptr = base_params[name]
         assert param is original and param.data_ptr() == ptr
+
+
+def test_a_stack_that_drops_the_first_loaded_adapter_still_generates(
+    tiny_model_dir: Path, adapters
+) -> None:
+    """The flywheel's evaluation after a deploy: the serving stack [sft, ppo], then the
+    candidate's. peft names one active adapter for its lookups and left it naming the deleted
+    one when two stayed active, so forward and generate raised KeyError: 'adapter_0'."""
+    from agent.sampling import Sampling, generation_config, sample
+
+    policy = Policy(tiny_model_dir, device="cpu")
+    policy.set_adapters([adapters["a"], adapters["b"]])
+    policy.set_adapters([adapters["b"], adapters["c"]])  # deletes "a", the first one loaded
+    fresh = Policy(tiny_model_dir, device="cpu")
+    fresh.set_adapters([adapters["b"], adapters["c"]])
+    assert torch.allclose(last_logits(policy), last_logits(fresh), atol=1e-5)
+    ids = torch.tensor([encode_chat(policy.tokenizer, CHAT)])
+    config = generation_config(
+        Sampling(max_new_tokens=4), end_of_turn_ids(policy.tokenizer), policy.tokenizer.pad_token_id
+    )
+    samples = []
+    for model in (policy.model, fresh.model):
+        torch.manual_seed(0)
+        samples.append(sample(model, ids, torch.ones_like(ids), config))
+    assert torch.equal(samples[0], samples[1])
 
 
 def test_adapter_that_does_not_fit_is_rejected(tiny_model_dir: Path, adapters, tmp_path) -> None:
