@@ -41,7 +41,7 @@ from agent.modeling import encode_chat, load_tokenizer  # noqa: E402
 from agent.store.api import Store  # noqa: E402
 from rl.datasets import PreferenceOptions, build_preference_data, load_snapshot  # noqa: E402
 from rl.oracles import load_oracle  # noqa: E402
-from rl.reward_model import RewardModel  # noqa: E402
+from rl.reward_model import RewardModel, encode_pair, pooling_of  # noqa: E402
 
 WORD = re.compile(r"[a-z']+")
 L2 = (0.1, 1.0)
@@ -101,11 +101,7 @@ def probe_features(model_dir: str, rows: list[dict]) -> dict[str, np.ndarray]:
         key = (repr(context), text)
         if key not in cache:
             prompt = encode_chat(tokenizer, context, add_generation_prompt=True)
-            ids = encode_chat(
-                tokenizer,
-                [*context, {"role": "assistant", "content": text}],
-                add_generation_prompt=False,
-            )
+            ids = encode_pair(tokenizer, context, text)  # as the reward model encodes it
             hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
             cache[key] = {  # (H,) each
                 "last token": hidden[-1].numpy(),
@@ -179,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             contexts, [reply(r, "rejected") for r in test], normalize=False
         )
         right[version] = (diffs > 0).tolist()
-        pooling = rm.model.config.to_dict().get("reward_pooling", "last")
+        pooling = pooling_of(rm.model)
         print(
             f"| reward model version {version} (pooling {pooling}) | its train split | {np.mean(right[version]):.3f} |"
         )

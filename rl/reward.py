@@ -36,7 +36,7 @@ from agent.modeling import default_dtype, load_tokenizer, pick_device
 from agent.registry import ModelRegistry
 from agent.store.api import Store
 from rl.datasets import PreferenceData, PreferenceOptions, build_preference_data
-from rl.reward_model import POOLING, RewardModel, set_pooling, tokenize_pairs
+from rl.reward_model import RewardModel, check_pooling, set_pooling, tokenize_pairs
 from rl.runs import Run, training_run
 from rl.sft import (
     JobConfig,
@@ -103,8 +103,7 @@ class Config(JobConfig):
             raise ConfigError(f"init_from: {self.init_from!r} is not one of {', '.join(INIT_FROM)}")
         if self.train_split not in ("train", "judge"):
             raise ConfigError(f"train_split: {self.train_split!r} is not one of train, judge")
-        if self.pooling not in POOLING:
-            raise ConfigError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLING)}")
+        check_pooling(self.pooling)
         if self.reference_size < 2:
             raise ConfigError(f"reference_size: must be >= 2, got {self.reference_size}")
 
