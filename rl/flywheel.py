@@ -9,6 +9,13 @@ policy serving, and the next round goes on from it.
 Every round is a pipeline run of its own; the flywheel's run (kind "flywheel") records per
 generation the policy that served at the start, the candidate, the verdict and the eval's
 numbers, so the dashboard can draw the lineage.
+
+After a crash, `resume=True` (`rlchat pipeline --generations N --resume`) reopens the newest
+unfinished flywheel run and carries on: the finished generations stay as recorded, a round
+whose feedback was gathered resumes its pipeline (finished stages skipped, the interrupted one
+from its checkpoint), and the remaining rounds up to N follow. A round that crashed while
+simulating gathers its feedback again from the start; the conversations the crashed attempt
+stored stay in the store and count as feedback like any other.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from agent.config import Settings, build_dataclass
 from agent.errors import ConfigError, NotFoundError
 from agent.store.api import Store
 from rl import pipeline, simulate
-from rl.runs import training_run
+from rl.runs import UNFINISHED, training_run
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +63,30 @@ def simulate_config(config: pipeline.Config, generation: int) -> simulate.Config
 
 
 def run_flywheel(
-    config: pipeline.Config, settings: Settings, store: Store, generations: int
+    config: pipeline.Config,
+    settings: Settings,
+    store: Store,
+    generations: int,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """`generations` rounds of simulate → pipeline; returns one summary row per generation."""
+    """`generations` rounds of simulate → pipeline; returns one summary row per generation.
+
+    With `resume`, the newest unfinished flywheel run goes on from where it stopped.
+    """
     if generations < 1:
         raise ConfigError(f"generations: must be >= 1, got {generations}")
     simulate_config(config, 0)  # fail now, not after the first round
-    rows: list[dict[str, Any]] = []
-    with training_run(store, settings, "flywheel", config) as run:
-        for generation in range(1, generations + 1):
-            rows.append(_round(config, settings, store, generation))
+    with training_run(store, settings, "flywheel", config, resume=resume) as run:
+        recorded = store.get_run(run.id).metrics
+        rows: list[dict[str, Any]] = list(recorded.get("generations", []))
+        current: dict[str, Any] = dict(recorded.get("round", {}))
+        if rows:
+            log.info("flywheel: generations 1-%d already done, carrying on", len(rows))
+        for generation in range(len(rows) + 1, generations + 1):
+            if current.get("generation") != generation:
+                current = _gather(config, settings, store, generation)
+                store.update_run(run.id, metrics={"generations": rows, "round": current})
+            rows.append(_finish_round(config, settings, store, current))
             store.update_run(run.id, metrics={"generations": rows})
         run.finish(output_version_id=_serving(store), metrics={"generations": rows})
     return {"run_id": run.id, "generations": rows}
@@ -78,21 +99,35 @@ def _serving(store: Store) -> int:
     return deployed.id
 
 
-def _round(
+def _gather(
     config: pipeline.Config, settings: Settings, store: Store, generation: int
 ) -> dict[str, Any]:
+    """The round's first half: feedback on the policy serving now (what a resume skips)."""
     start = time.perf_counter()
     parent = _serving(store)
     log.info("flywheel generation %d: gathering feedback on version %d", generation, parent)
     agent = ChatAgent(store, settings, device=config.eval.get("device", "auto"))
     gathered = simulate.simulate(simulate_config(config, generation), store, agent, settings)
     del agent  # the pipeline loads its own models
-    result = pipeline.run_pipeline(config, settings, store)
-    stages = result["stages"]
-    ev = stages["eval"]
     return {
         "generation": generation,
         "serving_before": parent,
+        "feedback": {k: v for k, v in gathered.items() if k != "oracle"},
+        "simulate_seconds": time.perf_counter() - start,
+        "runs_before": max((r.id for r in store.list_runs()), default=0),
+    }
+
+
+def _finish_round(
+    config: pipeline.Config, settings: Settings, store: Store, gathered: dict[str, Any]
+) -> dict[str, Any]:
+    """The round's second half: the pipeline on all the feedback so far, resumed if it began."""
+    result = _round_pipeline(config, settings, store, gathered["runs_before"])
+    stages = result["stages"]
+    ev = stages["eval"]
+    return {
+        "generation": gathered["generation"],
+        "serving_before": gathered["serving_before"],
         "candidate": stages["ppo"],
         "deployed": stages["deploy"].get("deployed"),
         "serving_after": _serving(store),
@@ -100,10 +135,28 @@ def _round(
         "reasons": ev["gate"]["reasons"],
         "pipeline_run": result["run_id"],
         "eval_run": ev["run_id"],
-        "feedback": {k: v for k, v in gathered.items() if k != "oracle"},
+        "feedback": gathered["feedback"],
         **{k: ev[k] for k in KEPT if k in ev},
-        "seconds": time.perf_counter() - start,
+        "seconds": gathered["simulate_seconds"] + sum(result["seconds"].values()),
     }
+
+
+def _round_pipeline(
+    config: pipeline.Config, settings: Settings, store: Store, runs_before: int
+) -> dict[str, Any]:
+    """This round's pipeline: run it, resume the one an earlier try left unfinished, or take
+    the result of one that finished just before a crash."""
+    began = [r for r in store.list_runs("pipeline") if r.id > runs_before]
+    finished = [r for r in began if r.status == "succeeded"]
+    if finished:
+        run = finished[-1]
+        return {
+            "run_id": run.id,
+            "stages": run.metrics["stages"],
+            "seconds": run.metrics["seconds"],
+        }
+    resume = any(r.status in UNFINISHED for r in began)
+    return pipeline.run_pipeline(config, settings, store, resume=resume)
 
 
 def summary_table(result: dict[str, Any]) -> str:

@@ -16,7 +16,11 @@ from rlchat.commands import add_job_config_args, open_store
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pipeline", help="SFT -> reward model -> PPO -> eval -> gate -> deploy")
     add_job_config_args(p, "rl.pipeline.Config (stage.key=value for a stage's field)")
-    p.add_argument("--resume", action="store_true", help="continue the newest unfinished pipeline")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest unfinished pipeline (with --generations: flywheel)",
+    )
     p.add_argument(
         "--generations",
         type=int,
@@ -46,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     config = build_dataclass(pipeline.Config, parse_overrides(values, args.overrides))
     settings, store = open_store(args)
     if args.generations:
-        if args.resume:
-            raise ConfigError("--resume: not with --generations (resume the round's pipeline)")
-        rounds = flywheel.run_flywheel(config, settings, store, args.generations)
+        rounds = flywheel.run_flywheel(
+            config, settings, store, args.generations, resume=args.resume
+        )
         print(flywheel.summary_table(rounds))
         return 0
     result = pipeline.run_pipeline(config, settings, store, resume=args.resume)

@@ -54,12 +54,12 @@ def test_the_flywheel_needs_a_simulate_section(
     assert rounds[0].seed != rounds[1].seed
 
 
-@pytest.mark.slow
-def test_two_flywheel_generations_each_gated_against_the_policy_serving_then(
-    sqlite_store: Store, sqlite_settings: Settings, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    registry = ModelRegistry(sqlite_store, sqlite_settings)
-    start = registry.add("base", tiny_model_dir)
+def _tiny_flywheel(
+    store: Store, settings: Settings, model_dir: Path, tmp_path: Path
+) -> tuple[int, pipeline.Config]:
+    """The tiny model deployed and a flywheel config small enough for a test: (start, config)."""
+    registry = ModelRegistry(store, settings)
+    start = registry.add("base", model_dir)
     registry.deploy(start)
     prompts = tmp_path / "prompts.jsonl"
     lines = [{"prompt": f"tell me about thing number {i}"} for i in range(80)]
@@ -99,6 +99,14 @@ def test_two_flywheel_generations_each_gated_against_the_policy_serving_then(
             "device": "cpu",
         },
     )
+    return start, config
+
+
+@pytest.mark.slow
+def test_two_flywheel_generations_each_gated_against_the_policy_serving_then(
+    sqlite_store: Store, sqlite_settings: Settings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    start, config = _tiny_flywheel(sqlite_store, sqlite_settings, tiny_model_dir, tmp_path)
     result = flywheel.run_flywheel(config, sqlite_settings, sqlite_store, 2)
     first, second = result["generations"]
     assert first["serving_before"] == start
@@ -118,3 +126,48 @@ def test_two_flywheel_generations_each_gated_against_the_policy_serving_then(
     rows = [line for line in table[1:] if not line.strip().startswith("refused:")]
     assert [line.split()[3] for line in rows] == [first["verdict"], second["verdict"]]
     assert len(table) == 3 + len(first["reasons"]) + len(second["reasons"])
+
+
+@pytest.mark.slow
+def test_a_flywheel_that_crashed_mid_round_resumes_where_it_stopped(
+    sqlite_store: Store,
+    sqlite_settings: Settings,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Round 2 crashes in its evaluation; `resume` keeps round 1, does not gather round 2's
+    feedback again, resumes round 2's pipeline (its trained stages skipped) and finishes."""
+    _, config = _tiny_flywheel(sqlite_store, sqlite_settings, tiny_model_dir, tmp_path)
+    real_eval = pipeline.evaluate.run_recorded
+    evals = []
+
+    def crash_in_the_second_eval(*args, **kwargs):  # type: ignore[no-untyped-def]
+        evals.append(1)
+        if len(evals) == 2:
+            raise RuntimeError("the machine went away")
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.evaluate, "run_recorded", crash_in_the_second_eval)
+    with pytest.raises(RuntimeError, match="went away"):
+        flywheel.run_flywheel(config, sqlite_settings, sqlite_store, 2)
+    (crashed,) = sqlite_store.list_runs("flywheel")
+    assert crashed.status == "failed" and len(crashed.metrics["generations"]) == 1
+    assert crashed.metrics["round"]["generation"] == 2
+    first = crashed.metrics["generations"][0]
+    trained = {kind: len(sqlite_store.list_runs(kind)) for kind in ("sft", "reward", "ppo")}
+
+    result = flywheel.run_flywheel(config, sqlite_settings, sqlite_store, 2, resume=True)
+    (run,) = sqlite_store.list_runs("flywheel")
+    assert run.id == crashed.id and run.status == "succeeded"
+    assert result["generations"][0] == first
+    second = result["generations"][1]
+    assert second["generation"] == 2 and second["serving_before"] == first["serving_after"]
+    assert second["feedback"]["conversations"] == 30
+    assert sqlite_store.counts()["conversations"] == 60  # round 2's feedback was gathered once
+    assert len(sqlite_store.list_runs("pipeline")) == 2  # round 2's pipeline was resumed
+    assert {k: len(sqlite_store.list_runs(k)) for k in trained} == trained  # nothing retrained
+    assert sqlite_store.get_run(second["pipeline_run"]).status == "succeeded"
+    assert second["serving_after"] == (
+        second["candidate"] if second["verdict"] == "deploy" else second["serving_before"]
+    )
