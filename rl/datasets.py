@@ -350,6 +350,11 @@ class PreferenceOptions:
     """Raters with fewer ratings of a kind are not normalised (their raw score is used)."""
     min_rating_gap: float = 0.5
     """Smallest difference of mean scores that makes a rating-derived pair."""
+    max_rater_spread: float | None = None
+    """Leave a reply out of rating-derived pairs when its ratings span more than this on the
+    [-1, 1] scale (thumbs as they are, Likert (v - 3) / 2): its raters disagree, as a
+    comparison whose raters disagree is dropped. 1.0 drops a thumbs up beside a thumbs down and
+    Likert ratings two points or more apart; None keeps every reply."""
     margin_scale: float = 1.0
     """Margin of a rating-derived pair = margin_scale * min(score difference, max_gap)."""
     max_gap: float = 2.0
@@ -362,6 +367,10 @@ class PreferenceOptions:
     def __post_init__(self) -> None:
         if self.train_split not in ("train", "judge"):
             raise ValidationError(f"train_split: {self.train_split!r} is not one of train, judge")
+        if self.max_rater_spread is not None and not self.max_rater_spread >= 0:
+            raise ValidationError(
+                f"max_rater_spread: must be >= 0 or null, got {self.max_rater_spread}"
+            )
         for name in ("ties", "both_bad"):
             if getattr(self, name) not in TIE_POLICIES:
                 raise ValidationError(
@@ -498,13 +507,26 @@ def _comparison_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summa
     return pairs
 
 
+def rater_spread(snap: Snapshot) -> dict[int, float]:
+    """Per rated reply: how far apart its ratings lie on the [-1, 1] scale (0 for one rating)."""
+    values: dict[int, list[float]] = defaultdict(list)
+    for r in snap.ratings:
+        values[r.message_id].append(_scaled(r))
+    return {mid: max(vs) - min(vs) for mid, vs in values.items()}
+
+
 def _rating_pairs(snap: Snapshot, options: PreferenceOptions, summary: Summary) -> list[Pair]:
     scores = rating_scores(snap, options)
+    spread = rater_spread(snap)
     siblings: dict[int | None, list[int]] = defaultdict(list)
     for mid in scores:
         msg = snap.messages[mid]
-        if msg.role == "assistant" and not msg.error:
-            siblings[msg.parent_id].append(mid)
+        if msg.role != "assistant" or msg.error:
+            continue
+        if options.max_rater_spread is not None and spread[mid] > options.max_rater_spread:
+            summary.dropped["ratings: raters of a reply disagree (max_rater_spread)"] += 1
+            continue
+        siblings[msg.parent_id].append(mid)
     pairs = []
     for group in siblings.values():
         for i, x in enumerate(sorted(group)):

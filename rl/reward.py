@@ -75,6 +75,10 @@ class Config(JobConfig):
     """Z-score each rater's scores before comparing siblings."""
     min_rating_gap: float = 0.5
     """Smallest difference of mean sibling scores that makes a pair."""
+    max_rater_spread: float | None = None
+    """Leave out of rating-derived pairs a reply whose ratings span more than this on [-1, 1]
+    (its raters disagree; 1.0: a thumbs up beside a thumbs down, Likert 2+ points apart);
+    None keeps every reply."""
     margin_scale: float = 1.0
     """Margin of a rating-derived pair = margin_scale * score difference."""
     comparison_margin: float = 0.0
@@ -104,6 +108,10 @@ class Config(JobConfig):
         if self.train_split not in ("train", "judge"):
             raise ConfigError(f"train_split: {self.train_split!r} is not one of train, judge")
         check_pooling(self.pooling)
+        if self.max_rater_spread is not None and not self.max_rater_spread >= 0:
+            raise ConfigError(
+                f"max_rater_spread: must be >= 0 or null, got {self.max_rater_spread}"
+            )
         if self.reference_size < 2:
             raise ConfigError(f"reference_size: must be >= 2, got {self.reference_size}")
 
@@ -115,6 +123,7 @@ class Config(JobConfig):
             both_bad=self.both_bad,
             normalize_raters=self.normalize_raters,
             min_rating_gap=self.min_rating_gap,
+            max_rater_spread=self.max_rater_spread,
             margin_scale=self.margin_scale,
             comparison_margin=self.comparison_margin,
             train_split=self.train_split,

@@ -140,6 +140,42 @@ def test_rater_normalisation_removes_a_raters_constant_bias(store: Store) -> Non
     assert {raw[m][0] for m in replies} == {1.0}
 
 
+def test_a_reply_whose_raters_disagree_can_be_left_out_of_rating_pairs(store: Store) -> None:
+    """One flipped rating (1 beside 5) turns a reply that ties its sibling into a pair; with
+    max_rater_spread the reply is left out, as a comparison whose raters disagree is."""
+    raters = [store.get_or_create_user(f"annotator-{i}", "annotator").id for i in range(2)]
+    user = store.get_or_create_user("someone").id
+    disputed, kept_ids = [], set()
+    for i in range(6):
+        conv = store.create_conversation(user, "")
+        ask = store.append_message(conv, "user", f"hi {i}")
+        good, bad, split = (
+            store.append_message(conv, "assistant", f"{kind} reply {i}", ask)
+            for kind in ("good", "bad", "disputed")
+        )
+        for rater in raters:
+            store.set_rating(good, rater, "likert", 5, criterion="helpfulness")
+            store.set_rating(bad, rater, "likert", 1, criterion="helpfulness")
+        store.set_rating(split, raters[0], "likert", 1, criterion="helpfulness")
+        store.set_rating(split, raters[1], "likert", 5, criterion="helpfulness")
+        disputed.append(split)
+        kept_ids |= {good, bad}
+    split_all(store, SplitFractions(train=1.0, validation=0.0, judge=0.0, test=0.0))
+    snap = load_snapshot(store, utcnow())
+
+    def replies(data: object) -> set[int]:
+        pairs = data.train_pairs + data.heldout_pairs + data.test_pairs  # type: ignore[attr-defined]
+        return {m for p in pairs for m in (p.chosen_id, p.rejected_id)}
+
+    everyone = build_preference_data(snap, PreferenceOptions())
+    assert set(disputed) <= replies(everyone)
+    agreed = build_preference_data(snap, PreferenceOptions(max_rater_spread=1.0))
+    assert replies(agreed) == kept_ids
+    assert agreed.summary.dropped["ratings: raters of a reply disagree (max_rater_spread)"] == 6
+    with pytest.raises(ValidationError, match="max_rater_spread"):
+        PreferenceOptions(max_rater_spread=-1)
+
+
 def test_ties_are_dropped_or_trained_both_ways(store: Store) -> None:
     fill_synthetic_feedback(store, 30, seed=5, replies_per_turn=3, p_thumb=0, p_likert=0)
     snap = load_snapshot(store, utcnow())
