@@ -2,11 +2,15 @@
 
     .venv/bin/python benchmarks/reward_readout.py --data-dir .rlchat-loop/flywheel-rm3
     .venv/bin/python benchmarks/reward_readout.py --data-dir D --versions 5 4   # two reward models
+    .venv/bin/python benchmarks/reward_readout.py --data-dir D --oracle feelings --versions 3 \
+        --max-rater-spread 1.0 --no-probes        # pairs as reward.max_rater_spread builds them
 
 On the preference pairs `rlchat train reward` builds from the data directory (its stored
 splits, the default preference options, simulated feedback), one row each:
 
-- the hidden oracle's agreement with the test labels: the ceiling that label noise leaves;
+- the hidden oracle's agreement with the test labels, and the share of test pairs it ties on
+  (pairs that label noise alone made: a flipped rating beside an unflipped one): the ceiling
+  is agreement + ties / 2;
 - a bag-of-words logistic regression (words seen at least twice in train) fitted on the train
   pairs: what a scorer that found the right words reaches;
 - linear probes of a frozen model's last hidden states (the base version unless --probe-model
@@ -136,23 +140,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--probe-model", type=int, default=1, help="model version id of a full model")
     p.add_argument("--versions", type=int, nargs="*", default=[], help="reward model version ids")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--max-rater-spread",
+        type=float,
+        default=None,
+        help="build the pairs as `reward.max_rater_spread` does (default: every reply)",
+    )
+    p.add_argument("--no-probes", action="store_true", help="skip the frozen-model probes")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     store = Store.open(Settings(data_dir=args.data_dir))
     snap = load_snapshot(store, datetime.datetime(9999, 1, 1), sources=["simulated"])
-    data = build_preference_data(snap, PreferenceOptions())
+    data = build_preference_data(snap, PreferenceOptions(max_rater_spread=args.max_rater_spread))
     train, test = data.train, data.test
-    print(f"{args.data_dir}: {len(train)} train pairs, {len(test)} test pairs\n")
+    print(
+        f"{args.data_dir}: {len(train)} train pairs, {len(test)} test pairs "
+        f"(max_rater_spread {args.max_rater_spread})\n"
+    )
     print("| scorer | fitted on | test accuracy |\n|---|---|---|")
     _, oracle = load_oracle(args.oracle)
-    agree = np.mean(
-        [
-            oracle(r["prompt"], reply(r, "chosen")) > oracle(r["prompt"], reply(r, "rejected"))
-            for r in test
-        ]
-    )
+    verdicts = [
+        np.sign(oracle(r["prompt"], reply(r, "chosen")) - oracle(r["prompt"], reply(r, "rejected")))
+        for r in test
+    ]
+    agree, ties = np.mean([v > 0 for v in verdicts]), np.mean([v == 0 for v in verdicts])
     print(f"| the oracle `{args.oracle}` (strictly prefers the label's choice) | - | {agree:.3f} |")
+    print(
+        f"| the oracle ties on {ties:.3f} of the pairs: the most a scorer can expect is "
+        f"agree + ties / 2 | - | {agree + ties / 2:.3f} |"
+    )
     words_train, words_test = bag_of_words(train, test)
     for l2 in L2:
         w = fit_logistic(words_train, l2)
@@ -160,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
             f"| bag of words ({words_train.shape[1]} words), l2 {l2} | train | {accuracy(words_test, w):.3f} |"
         )
     probe_dir = store.get_model_version(args.probe_model).path
-    probe_train, probe_test = probe_features(probe_dir, train), probe_features(probe_dir, test)
+    probes = not args.no_probes
+    probe_train = probe_features(probe_dir, train) if probes else {}
+    probe_test = probe_features(probe_dir, test) if probes else {}
     for name in probe_train:
         for l2 in L2:
             w = fit_logistic(probe_train[name], l2)
