@@ -29,7 +29,7 @@ from agent.config import Settings, build_dataclass
 from agent.errors import ConfigError, NotFoundError
 from agent.store.api import Store
 from rl import pipeline, simulate
-from rl.runs import UNFINISHED, training_run
+from rl.runs import Run, is_unfinished, on_open, resuming, training_run
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def run_flywheel(
             if current.get("generation") != generation:
                 current = _gather(config, settings, store, generation)
                 store.update_run(run.id, metrics={"generations": rows, "round": current})
-            rows.append(_finish_round(config, settings, store, current))
+            rows.append(_finish_round(config, settings, store, run.id, current))
             store.update_run(run.id, metrics={"generations": rows})
         run.finish(output_version_id=_serving(store), metrics={"generations": rows})
     return {"run_id": run.id, "generations": rows}
@@ -114,15 +114,18 @@ def _gather(
         "serving_before": parent,
         "feedback": {k: v for k, v in gathered.items() if k != "oracle"},
         "simulate_seconds": time.perf_counter() - start,
-        "runs_before": max((r.id for r in store.list_runs()), default=0),
     }
 
 
 def _finish_round(
-    config: pipeline.Config, settings: Settings, store: Store, gathered: dict[str, Any]
+    config: pipeline.Config,
+    settings: Settings,
+    store: Store,
+    flywheel_run: int,
+    gathered: dict[str, Any],
 ) -> dict[str, Any]:
     """The round's second half: the pipeline on all the feedback so far, resumed if it began."""
-    result = _round_pipeline(config, settings, store, gathered["runs_before"])
+    result = _round_pipeline(config, settings, store, flywheel_run, gathered)
     stages = result["stages"]
     ev = stages["eval"]
     return {
@@ -142,21 +145,30 @@ def _finish_round(
 
 
 def _round_pipeline(
-    config: pipeline.Config, settings: Settings, store: Store, runs_before: int
+    config: pipeline.Config,
+    settings: Settings,
+    store: Store,
+    flywheel_run: int,
+    gathered: dict[str, Any],
 ) -> dict[str, Any]:
     """This round's pipeline: run it, resume the one an earlier try left unfinished, or take
-    the result of one that finished just before a crash."""
-    began = [r for r in store.list_runs("pipeline") if r.id > runs_before]
-    finished = [r for r in began if r.status == "succeeded"]
-    if finished:
-        run = finished[-1]
-        return {
-            "run_id": run.id,
-            "stages": run.metrics["stages"],
-            "seconds": run.metrics["seconds"],
-        }
-    resume = any(r.status in UNFINISHED for r in began)
-    return pipeline.run_pipeline(config, settings, store, resume=resume)
+    the result of the one that finished just before a crash. The pipeline run's id is kept on
+    the flywheel's run as soon as it opens."""
+    began = gathered.get("pipeline_run")
+    if began is not None and store.get_run(began).status == "succeeded":
+        metrics = store.get_run(began).metrics
+        return {"run_id": began, "stages": metrics["stages"], "seconds": metrics["seconds"]}
+
+    def record(opened: Run) -> None:
+        if opened.kind == "pipeline" and opened.id != began:
+            gathered["pipeline_run"] = opened.id
+            store.update_run(flywheel_run, metrics={"round": gathered})
+
+    with on_open(record):
+        if not is_unfinished(store, began):
+            return pipeline.run_pipeline(config, settings, store)
+        with resuming(began):
+            return pipeline.run_pipeline(config, settings, store, resume=True)
 
 
 def summary_table(result: dict[str, Any]) -> str:

@@ -15,7 +15,9 @@ evaluation samples with PPO's own rollout configuration unless `eval` sets it.
 
 Each stage is a training run of its own; the pipeline's own run (kind "pipeline") records
 the stage results as they finish. After a crash, `--resume` skips the finished stages and
-resumes the interrupted one from its last checkpoint.
+resumes the interrupted one from its last checkpoint: the run that stage opened in this
+pipeline, never an older unfinished run of the same kind (a failed `rlchat train reward`
+from last week is not the judge of this pipeline).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from agent.store.models import Conversation
 from agent.store.splits import SplitFractions, assign_splits
 from rl import evaluate, reward, sft
 from rl import ppo as ppo_train
-from rl.runs import training_run
+from rl.runs import Run, is_unfinished, on_open, resuming, training_run
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ def run_pipeline(
                 log.info("pipeline: %s already done (%s), skipping", stage, done[stage])
                 continue
             start = time.perf_counter()
-            done[stage] = _run_stage(stage, config, settings, store, done, resume)
+            done[stage] = _run_stage(stage, config, settings, store, done, run)
             timings[stage] = time.perf_counter() - start
             store.update_run(run.id, metrics={"stages": done, "seconds": timings})
         run.finish(output_version_id=done["ppo"], metrics={"stages": done, "seconds": timings})
@@ -141,13 +143,27 @@ def run_pipeline(
 
 
 def _run_stage(
-    stage: str, config: Config, settings: Settings, store: Store, done: dict[str, Any], resume: bool
+    stage: str, config: Config, settings: Settings, store: Store, done: dict[str, Any], run: Run
 ) -> Any:
+    """Run one stage; a training stage records the run it opens on the pipeline's run
+    (`metrics["current"]`), and resumes that run, and no other, if an earlier try left it
+    unfinished."""
     if stage in ("sft", "reward", "judge", "ppo"):
         module = {"sft": sft, "reward": reward, "judge": reward, "ppo": ppo_train}[stage]
-        return module.main(
-            config.stage_config(stage, _links(stage, done, config)), settings, resume=resume
-        )
+        kind = {"judge": "reward"}.get(stage, stage)
+        stage_config = config.stage_config(stage, _links(stage, done, config))
+        current = store.get_run(run.id).metrics.get("current", {})
+        began = current.get("run") if current.get("stage") == stage else None
+
+        def record(opened: Run) -> None:
+            if opened.kind == kind and opened.id != began:
+                store.update_run(run.id, metrics={"current": {"stage": stage, "run": opened.id}})
+
+        with on_open(record):
+            if not is_unfinished(store, began):
+                return module.main(stage_config, settings, resume=False)
+            with resuming(began):
+                return module.main(stage_config, settings, resume=True)
     if stage == "eval":
         eval_config = config.stage_config("eval", _links("eval", done, config))
         run_id, metrics = evaluate.run_recorded(eval_config, store, settings)

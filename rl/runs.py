@@ -70,6 +70,41 @@ def watch_runs(hook: RunHook, resume_run_id: int | None = None) -> Iterator[None
         _resume_id.reset(tokens[1])
 
 
+@contextmanager
+def resuming(run_id: int) -> Iterator[None]:
+    """Inside this block a `resume=True` run of run `run_id`'s kind reopens that run, not the
+    newest unfinished one (a job that runs other jobs resumes exactly the one it started)."""
+    token = _resume_id.set(run_id)
+    try:
+        yield
+    finally:
+        _resume_id.reset(token)
+
+
+@contextmanager
+def on_open(record: Callable[[Run], None]) -> Iterator[None]:
+    """Call `record(run)` for each run opened (or reopened) in this block, besides the hook of
+    any `watch_runs` around it (a job that runs other jobs learns their run ids)."""
+    outer = _hook.get()
+
+    def hook(run: Run, event: str) -> None:
+        if event == "open":
+            record(run)
+        if outer is not None:
+            outer(run, event)
+
+    token = _hook.set(hook)
+    try:
+        yield
+    finally:
+        _hook.reset(token)
+
+
+def is_unfinished(store: Store, run_id: int | None) -> bool:
+    """Whether run `run_id` exists and a resume would continue it."""
+    return run_id is not None and store.get_run(run_id).status in UNFINISHED
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     """The metric history a run has logged so far (empty when it logged nothing)."""
     path = Path(run_dir) / METRICS_FILE

@@ -12,6 +12,7 @@ from agent.errors import ConfigError
 from agent.registry import ModelRegistry
 from agent.store.api import Store
 from rl import flywheel, pipeline
+from rl.runs import training_run
 
 
 def test_eval_samples_with_ppos_rollout_configuration_unless_told_otherwise() -> None:
@@ -171,3 +172,40 @@ def test_a_flywheel_that_crashed_mid_round_resumes_where_it_stopped(
     assert second["serving_after"] == (
         second["candidate"] if second["verdict"] == "deploy" else second["serving_before"]
     )
+
+
+@pytest.mark.slow
+def test_a_resumed_stage_never_reopens_an_older_unfinished_run_of_its_kind(
+    sqlite_store: Store,
+    sqlite_settings: Settings,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reward run that failed long before (say a standalone `rlchat train reward`) is not
+    this pipeline's judge: the judge stage crashed before it opened its run, so the resume
+    starts the judge afresh on this round's data, and the old run stays as it was."""
+    _, config = _tiny_flywheel(sqlite_store, sqlite_settings, tiny_model_dir, tmp_path)
+    with pytest.raises(RuntimeError), training_run(sqlite_store, sqlite_settings, "reward", {}):
+        raise RuntimeError("an old reward run that failed")
+    (stale,) = sqlite_store.list_runs("reward")
+    real_main = pipeline.reward.main
+    judges = []
+
+    def crash_before_the_first_judge(cfg, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if cfg.train_split == "judge":
+            judges.append(1)
+            if len(judges) == 1:
+                raise RuntimeError("the machine went away")
+        return real_main(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.reward, "main", crash_before_the_first_judge)
+    with pytest.raises(RuntimeError, match="went away"):
+        flywheel.run_flywheel(config, sqlite_settings, sqlite_store, 1)
+    result = flywheel.run_flywheel(config, sqlite_settings, sqlite_store, 1, resume=True)
+    assert sqlite_store.get_run(stale.id).status == "failed"  # not reopened
+    stages = sqlite_store.get_run(result["generations"][0]["pipeline_run"]).metrics["stages"]
+    (judge_run,) = [
+        r for r in sqlite_store.list_runs("reward") if r.output_version_id == stages["judge"]
+    ]
+    assert judge_run.id > stale.id and judge_run.status == "succeeded"
