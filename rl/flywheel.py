@@ -124,8 +124,31 @@ def _finish_round(
     flywheel_run: int,
     gathered: dict[str, Any],
 ) -> dict[str, Any]:
-    """The round's second half: the pipeline on all the feedback so far, resumed if it began."""
-    result = _round_pipeline(config, settings, store, flywheel_run, gathered)
+    """The round's second half: the pipeline on all the feedback so far. It resumes the
+    round's pipeline run if an earlier try left it unfinished, or takes the result of one that
+    finished just before a crash; the run's id is kept on the flywheel's run as it opens."""
+    began = gathered.get("pipeline_run")
+    if began is not None and store.get_run(began).status == "succeeded":
+        metrics = store.get_run(began).metrics
+        result = {"run_id": began, "stages": metrics["stages"], "seconds": metrics["seconds"]}
+        return _summary_row(store, gathered, result)
+
+    def record(opened: Run) -> None:
+        if opened.kind == "pipeline" and opened.id != began:
+            gathered["pipeline_run"] = opened.id
+            store.update_run(flywheel_run, metrics={"round": gathered})
+
+    with on_open(record):
+        if not is_unfinished(store, began):
+            result = pipeline.run_pipeline(config, settings, store)
+        else:
+            with resuming(began):
+                result = pipeline.run_pipeline(config, settings, store, resume=True)
+    return _summary_row(store, gathered, result)
+
+
+def _summary_row(store: Store, gathered: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A finished generation: who served, the candidate, the verdict and the eval's numbers."""
     stages = result["stages"]
     ev = stages["eval"]
     return {
@@ -142,33 +165,6 @@ def _finish_round(
         **{k: ev[k] for k in KEPT if k in ev},
         "seconds": gathered["simulate_seconds"] + sum(result["seconds"].values()),
     }
-
-
-def _round_pipeline(
-    config: pipeline.Config,
-    settings: Settings,
-    store: Store,
-    flywheel_run: int,
-    gathered: dict[str, Any],
-) -> dict[str, Any]:
-    """This round's pipeline: run it, resume the one an earlier try left unfinished, or take
-    the result of the one that finished just before a crash. The pipeline run's id is kept on
-    the flywheel's run as soon as it opens."""
-    began = gathered.get("pipeline_run")
-    if began is not None and store.get_run(began).status == "succeeded":
-        metrics = store.get_run(began).metrics
-        return {"run_id": began, "stages": metrics["stages"], "seconds": metrics["seconds"]}
-
-    def record(opened: Run) -> None:
-        if opened.kind == "pipeline" and opened.id != began:
-            gathered["pipeline_run"] = opened.id
-            store.update_run(flywheel_run, metrics={"round": gathered})
-
-    with on_open(record):
-        if not is_unfinished(store, began):
-            return pipeline.run_pipeline(config, settings, store)
-        with resuming(began):
-            return pipeline.run_pipeline(config, settings, store, resume=True)
 
 
 def summary_table(result: dict[str, Any]) -> str:
