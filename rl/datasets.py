@@ -354,7 +354,7 @@ class PreferenceOptions:
     """Leave a reply out of rating-derived pairs when its ratings span more than this on the
     [-1, 1] scale (thumbs as they are, Likert (v - 3) / 2): its raters disagree, as a
     comparison whose raters disagree is dropped. 1.0 drops a thumbs up beside a thumbs down and
-    Likert ratings two points or more apart; None keeps every reply."""
+    Likert ratings three or more points apart (a flipped 1 or 5); None keeps every reply."""
     margin_scale: float = 1.0
     """Margin of a rating-derived pair = margin_scale * min(score difference, max_gap)."""
     max_gap: float = 2.0

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from agent.config import Settings
-from agent.errors import ConfigError
+from agent.errors import ConfigError, ValidationError
 from agent.modeling import default_dtype, load_tokenizer, pick_device
 from agent.registry import ModelRegistry
 from agent.store.api import Store
@@ -77,7 +77,7 @@ class Config(JobConfig):
     """Smallest difference of mean sibling scores that makes a pair."""
     max_rater_spread: float | None = None
     """Leave out of rating-derived pairs a reply whose ratings span more than this on [-1, 1]
-    (its raters disagree; 1.0: a thumbs up beside a thumbs down, Likert 2+ points apart);
+    (its raters disagree; 1.0: a thumbs up beside a thumbs down, Likert 3+ points apart);
     None keeps every reply."""
     margin_scale: float = 1.0
     """Margin of a rating-derived pair = margin_scale * score difference."""
@@ -108,10 +108,10 @@ class Config(JobConfig):
         if self.train_split not in ("train", "judge"):
             raise ConfigError(f"train_split: {self.train_split!r} is not one of train, judge")
         check_pooling(self.pooling)
-        if self.max_rater_spread is not None and not self.max_rater_spread >= 0:
-            raise ConfigError(
-                f"max_rater_spread: must be >= 0 or null, got {self.max_rater_spread}"
-            )
+        try:
+            self.data_options()  # the preference options fail now, not when the data is read
+        except ValidationError as exc:
+            raise ConfigError(str(exc)) from exc
         if self.reference_size < 2:
             raise ConfigError(f"reference_size: must be >= 2, got {self.reference_size}")
 
