@@ -29,7 +29,7 @@ from agent.config import Settings, build_dataclass
 from agent.errors import ConfigError, NotFoundError
 from agent.store.api import Store
 from rl import pipeline, simulate
-from rl.runs import Run, is_unfinished, on_open, resuming, training_run
+from rl.runs import run_child, training_run
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +133,17 @@ def _finish_round(
         result = {"run_id": began, "stages": metrics["stages"], "seconds": metrics["seconds"]}
         return _summary_row(store, gathered, result)
 
-    def record(opened: Run) -> None:
-        if opened.kind == "pipeline" and opened.id != began:
-            gathered["pipeline_run"] = opened.id
-            store.update_run(flywheel_run, metrics={"round": gathered})
+    def remember(opened: int) -> None:
+        gathered["pipeline_run"] = opened
+        store.update_run(flywheel_run, metrics={"round": gathered})
 
-    with on_open(record):
-        if not is_unfinished(store, began):
-            result = pipeline.run_pipeline(config, settings, store)
-        else:
-            with resuming(began):
-                result = pipeline.run_pipeline(config, settings, store, resume=True)
+    result = run_child(
+        store,
+        "pipeline",
+        began,
+        remember,
+        job=lambda resume: pipeline.run_pipeline(config, settings, store, resume=resume),
+    )
     return _summary_row(store, gathered, result)
 
 

@@ -38,7 +38,7 @@ from agent.store.models import Conversation
 from agent.store.splits import SplitFractions, assign_splits
 from rl import evaluate, reward, sft
 from rl import ppo as ppo_train
-from rl.runs import Run, is_unfinished, on_open, resuming, training_run
+from rl.runs import Run, run_child, training_run
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +154,15 @@ def _run_stage(
         stage_config = config.stage_config(stage, _links(stage, done, config))
         current = store.get_run(run.id).metrics.get("current", {})
         began = current.get("run") if current.get("stage") == stage else None
-
-        def record(opened: Run) -> None:
-            if opened.kind == kind and opened.id != began:
-                store.update_run(run.id, metrics={"current": {"stage": stage, "run": opened.id}})
-
-        with on_open(record):
-            if not is_unfinished(store, began):
-                return module.main(stage_config, settings, resume=False)
-            with resuming(began):
-                return module.main(stage_config, settings, resume=True)
+        return run_child(
+            store,
+            kind,
+            began,
+            remember=lambda opened: store.update_run(
+                run.id, metrics={"current": {"stage": stage, "run": opened}}
+            ),
+            job=lambda resume: module.main(stage_config, settings, resume=resume),
+        )
     if stage == "eval":
         eval_config = config.stage_config("eval", _links("eval", done, config))
         run_id, metrics = evaluate.run_recorded(eval_config, store, settings)

@@ -105,11 +105,9 @@ class Config(JobConfig):
         super().__post_init__()
         if self.init_from not in INIT_FROM:
             raise ConfigError(f"init_from: {self.init_from!r} is not one of {', '.join(INIT_FROM)}")
-        if self.train_split not in ("train", "judge"):
-            raise ConfigError(f"train_split: {self.train_split!r} is not one of train, judge")
         check_pooling(self.pooling)
         try:
-            self.data_options()  # the preference options fail now, not when the data is read
+            self.data_options()  # train_split, ties, max_rater_spread...: fail now, not at read time
         except ValidationError as exc:
             raise ConfigError(str(exc)) from exc
         if self.reference_size < 2:

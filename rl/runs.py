@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.config import Settings
 from agent.store.api import Store
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from rl.datasets import Snapshot
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METRICS_FILE = "metrics.jsonl"
 """One JSON object per `Run.log` call: {"step": ..., "time": unix seconds, metric: value, ...}."""
@@ -70,39 +71,33 @@ def watch_runs(hook: RunHook, resume_run_id: int | None = None) -> Iterator[None
         _resume_id.reset(tokens[1])
 
 
-@contextmanager
-def resuming(run_id: int) -> Iterator[None]:
-    """Inside this block a `resume=True` run of run `run_id`'s kind reopens that run, not the
-    newest unfinished one (a job that runs other jobs resumes exactly the one it started)."""
-    token = _resume_id.set(run_id)
-    try:
-        yield
-    finally:
-        _resume_id.reset(token)
-
-
-@contextmanager
-def on_open(record: Callable[[Run], None]) -> Iterator[None]:
-    """Call `record(run)` for each run opened (or reopened) in this block, besides the hook of
-    any `watch_runs` around it (a job that runs other jobs learns their run ids)."""
+def run_child(
+    store: Store,
+    kind: str,
+    began: int | None,
+    remember: Callable[[int], None],
+    job: Callable[[bool], T],
+) -> T:
+    """Run `job(resume)`, a job that opens a run of `kind`, from inside another job: resume
+    run `began` (the one an earlier try of this job opened) when it is unfinished, never an
+    older unfinished run of that kind, else start afresh; `remember(run_id)` is called as soon
+    as the job opens a new run, so that the next try knows which run is its own. The hook of
+    any `watch_runs` around it still sees every run."""
     outer = _hook.get()
 
     def hook(run: Run, event: str) -> None:
-        if event == "open":
-            record(run)
+        if event == "open" and run.kind == kind and run.id != began:
+            remember(run.id)
         if outer is not None:
             outer(run, event)
 
-    token = _hook.set(hook)
+    resume = began is not None and store.get_run(began).status in UNFINISHED
+    tokens = (_hook.set(hook), _resume_id.set(began if resume else None))
     try:
-        yield
+        return job(resume)
     finally:
-        _hook.reset(token)
-
-
-def is_unfinished(store: Store, run_id: int | None) -> bool:
-    """Whether run `run_id` exists and a resume would continue it."""
-    return run_id is not None and store.get_run(run_id).status in UNFINISHED
+        _hook.reset(tokens[0])
+        _resume_id.reset(tokens[1])
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
