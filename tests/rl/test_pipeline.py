@@ -55,10 +55,12 @@ def test_the_flywheel_needs_a_simulate_section(
     assert rounds[0].seed != rounds[1].seed
 
 
-def _tiny_flywheel(
-    store: Store, settings: Settings, model_dir: Path, tmp_path: Path
+@pytest.fixture
+def tiny_flywheel(
+    sqlite_store: Store, sqlite_settings: Settings, tiny_model_dir: Path, tmp_path: Path
 ) -> tuple[int, pipeline.Config]:
     """The tiny model deployed and a flywheel config small enough for a test: (start, config)."""
+    store, settings, model_dir = sqlite_store, sqlite_settings, tiny_model_dir
     registry = ModelRegistry(store, settings)
     start = registry.add("base", model_dir)
     registry.deploy(start)
@@ -105,9 +107,9 @@ def _tiny_flywheel(
 
 @pytest.mark.slow
 def test_two_flywheel_generations_each_gated_against_the_policy_serving_then(
-    sqlite_store: Store, sqlite_settings: Settings, tiny_model_dir: Path, tmp_path: Path
+    sqlite_store: Store, sqlite_settings: Settings, tiny_flywheel: tuple[int, pipeline.Config]
 ) -> None:
-    start, config = _tiny_flywheel(sqlite_store, sqlite_settings, tiny_model_dir, tmp_path)
+    start, config = tiny_flywheel
     result = flywheel.run_flywheel(config, sqlite_settings, sqlite_store, 2)
     first, second = result["generations"]
     assert first["serving_before"] == start
@@ -133,13 +135,12 @@ def test_two_flywheel_generations_each_gated_against_the_policy_serving_then(
 def test_a_flywheel_that_crashed_mid_round_resumes_where_it_stopped(
     sqlite_store: Store,
     sqlite_settings: Settings,
-    tiny_model_dir: Path,
-    tmp_path: Path,
+    tiny_flywheel: tuple[int, pipeline.Config],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Round 2 crashes in its evaluation; `resume` keeps round 1, does not gather round 2's
     feedback again, resumes round 2's pipeline (its trained stages skipped) and finishes."""
-    _, config = _tiny_flywheel(sqlite_store, sqlite_settings, tiny_model_dir, tmp_path)
+    _, config = tiny_flywheel
     real_eval = pipeline.evaluate.run_recorded
     evals = []
 
@@ -178,14 +179,13 @@ def test_a_flywheel_that_crashed_mid_round_resumes_where_it_stopped(
 def test_a_resumed_stage_never_reopens_an_older_unfinished_run_of_its_kind(
     sqlite_store: Store,
     sqlite_settings: Settings,
-    tiny_model_dir: Path,
-    tmp_path: Path,
+    tiny_flywheel: tuple[int, pipeline.Config],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A reward run that failed long before (say a standalone `rlchat train reward`) is not
     this pipeline's judge: the judge stage crashed before it opened its run, so the resume
     starts the judge afresh on this round's data, and the old run stays as it was."""
-    _, config = _tiny_flywheel(sqlite_store, sqlite_settings, tiny_model_dir, tmp_path)
+    _, config = tiny_flywheel
     with pytest.raises(RuntimeError), training_run(sqlite_store, sqlite_settings, "reward", {}):
         raise RuntimeError("an old reward run that failed")
     (stale,) = sqlite_store.list_runs("reward")
