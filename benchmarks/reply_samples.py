@@ -18,7 +18,6 @@ measurement (the gate's samples are drawn by `rlchat eval`, with its own seed).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -33,15 +32,13 @@ from agent.store.api import Store  # noqa: E402
 from rl.env import db_prompts  # noqa: E402
 from rl.eval_stats import distinct_n  # noqa: E402
 from rl.evaluate import sample_replies  # noqa: E402
-from rl.oracles import Oracle, load_oracle  # noqa: E402
-
-SENTENCE = re.compile(r"(?<=[.!?])\s+")
+from rl.oracles import SENTENCE_BREAK, Chat, Oracle, load_oracle  # noqa: E402
 
 
-def without_rewarded(context: list[dict[str, str]], reply: str, oracle: Oracle) -> tuple[str, bool]:
+def without_rewarded(context: Chat, reply: str, oracle: Oracle) -> tuple[str, bool]:
     """The reply less the sentences the oracle scores above 0 on their own, and whether any
-    was taken out."""
-    sentences = SENTENCE.split(reply.strip())
+    was taken out (sentences split where `feelings` splits them)."""
+    sentences = SENTENCE_BREAK.split(reply.strip())
     kept = [s for s in sentences if oracle(context, s) <= 0]
     return " ".join(kept), len(kept) < len(sentences)
 
@@ -64,13 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     policy: Policy | None = None
     print(f"{len(prompts)} test prompts x {args.samples} replies, oracle {name}")
     print("version  distinct-2  rewarded share  distinct-2 without rewarded sentences")
+    contexts = [pr.messages for pr in prompts for _ in range(args.samples)]
     shown = []
     for version in args.versions:
         spec = registry.resolve(version)
         if policy is None or policy.base != spec.base:
             policy = Policy(spec.base, device="cpu")
         policy.set_adapters(spec.adapters)
-        contexts = [pr.messages for pr in prompts for _ in range(args.samples)]
         replies = sample_replies(policy, contexts, sampling, 16, seed=0).replies
         cut = [without_rewarded(c, r, oracle) for c, r in zip(contexts, replies, strict=True)]
         rest = [text for text, _ in cut]

@@ -22,6 +22,8 @@ Chat = list[dict[str, str]]
 Oracle = Callable[[Chat, str], float]
 
 _WORD = re.compile(r"[a-z']+")
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+"""Where `feelings` splits a reply into sentences (after . ! or ? and white space)."""
 POSITIVE = frozenset(
     "good great glad happy love nice awesome wonderful fun thanks thank enjoy enjoyed cool "
     "amazing fantastic excellent yes sure beautiful interesting exciting like lovely".split()
@@ -93,7 +95,7 @@ def topic(context: Chat, reply: str) -> float:
 def feelings(context: Chat, reply: str) -> float:
     """Asks about the user's feelings: 1 for a question that names a feeling ("How do you feel
     about it?", "Are you excited?"), 0.5 for naming one without asking, else 0."""
-    sentences = re.split(r"(?<=[.!?])\s+", reply.strip())
+    sentences = SENTENCE_BREAK.split(reply.strip())
     for sentence in sentences:
         if sentence.endswith("?") and set(_WORD.findall(sentence.lower())) & FEELINGS:
             return 1.0
