@@ -48,13 +48,15 @@ demo: install
 
 # One documented SmolLM2 loop run of docs/LOOP.md, end to end in its own data directory
 # (about an hour on 2 CPU cores): `make loop-demo ORACLE=positive` for another oracle,
-# LOOP_SET="--set ppo.kl_coef=0.1 ..." for the pipeline overrides a run in docs/LOOP.md used.
-ORACLE   ?= follow_up
-LOOP_DIR ?= .rlchat-loop/$(ORACLE)
-LOOP_SET ?=
+# LOOP_SET="--set ppo.kl_coef=0.1 ..." for the pipeline overrides a run in docs/LOOP.md used,
+# LOOP_USERS=320 for more simulated feedback.
+ORACLE     ?= follow_up
+LOOP_DIR   ?= .rlchat-loop/$(ORACLE)
+LOOP_SET   ?=
+LOOP_USERS ?= 160
 loop-demo: install
 	$(BIN)/rlchat --data-dir $(LOOP_DIR) starter ensure
-	$(BIN)/rlchat --data-dir $(LOOP_DIR) simulate --oracle $(ORACLE) --users 160 \
+	$(BIN)/rlchat --data-dir $(LOOP_DIR) simulate --oracle $(ORACLE) --users $(LOOP_USERS) \
 		--set turns=1 --set replies=3 --set max_new_tokens=32 --set temperature=0.7
 	$(BIN)/rlchat --data-dir $(LOOP_DIR) pipeline --job-config docs/loop-smollm2.yaml \
 		--set eval.oracle=$(ORACLE) $(LOOP_SET)
