@@ -3,16 +3,18 @@
     .venv/bin/python benchmarks/reply_samples.py --data-dir .rlchat-loop/feelings-ent \
         --oracle feelings --versions 2 5
 
-Samples every test-split prompt of the data directory (4 replies each) from each model
-version given, with the gate's own sampler (`rl.evaluate.sample_replies`) and the loop's PPO
-sampling (temperature 0.7, no top-k/top-p, 32 new tokens, seed 0), and prints per version:
+Samples the gate's test prompts of the data directory (4 replies each) from each model
+version given, as `rlchat eval` does — its prompts, sampler, batch size and seed
+(`rl.evaluate.load_prompts`, `sample_replies`) with the loop's PPO sampling (temperature 0.7,
+no top-k/top-p, 32 new tokens, as the pipeline hands the eval) — and prints per version:
 distinct-2 over all replies (the gate's measure), the share of replies with a sentence the
 hidden oracle rewards on its own (oracle score > 0), and distinct-2 once those sentences are
 taken out — if a candidate's distinct-2 fell only because it now says the rewarded thing in
 the same words, the rest keeps the starting policy's diversity. Meant for oracles that score
 0 where the thing is absent (`feelings`, `follow_up`; `topic` where the user named one).
-Then a few prompts with their replies. A look for the notes of issue #13, not a gate
-measurement (the gate's samples are drawn by `rlchat eval`, with its own seed).
+Then a few prompts with their replies. With the eval's samples per prompt (4 in
+docs/loop-smollm2.yaml) the distinct-2 column is the gate's figure. A look for the notes of
+issue #13, not a gate measurement.
 """
 
 from __future__ import annotations
@@ -27,11 +29,9 @@ sys.path.insert(0, str(ROOT))
 from agent.config import Settings  # noqa: E402
 from agent.modeling import Policy  # noqa: E402
 from agent.registry import ModelRegistry  # noqa: E402
-from agent.sampling import Sampling  # noqa: E402
 from agent.store.api import Store  # noqa: E402
-from rl.env import db_prompts  # noqa: E402
 from rl.eval_stats import distinct_n  # noqa: E402
-from rl.evaluate import sample_replies  # noqa: E402
+from rl.evaluate import Config, load_prompts, sample_replies  # noqa: E402
 from rl.oracles import SENTENCE_BREAK, Chat, Oracle, load_oracle  # noqa: E402
 
 
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     store = Store.open(settings)
     registry = ModelRegistry(store, settings)
     name, oracle = load_oracle(args.oracle)
-    prompts = db_prompts(store, "test")
-    sampling = Sampling(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0)
+    config = Config(max_new_tokens=32, temperature=0.7, samples_per_prompt=args.samples)
+    prompts = load_prompts(config, store)
     policy: Policy | None = None
     print(f"{len(prompts)} test prompts x {args.samples} replies, oracle {name}")
     print("version  distinct-2  rewarded share  distinct-2 without rewarded sentences")
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         if policy is None or policy.base != spec.base:
             policy = Policy(spec.base, device="cpu")
         policy.set_adapters(spec.adapters)
-        replies = sample_replies(policy, contexts, sampling, 16, seed=0).replies
+        replies = sample_replies(
+            policy, contexts, config.sampling(), config.batch_size, config.seed
+        ).replies
         cut = [without_rewarded(c, r, oracle) for c, r in zip(contexts, replies, strict=True)]
         rest = [text for text, _ in cut]
         share = sum(removed for _, removed in cut) / len(replies)
