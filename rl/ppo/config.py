@@ -36,6 +36,13 @@ class PPOConfig:
     """AdamW learning rate of the critic's LoRA adapter and value head."""
     critic_warmup: int = 2
     """ppo: the first this many iterations train only the critic (the policy stays as it is)."""
+    critic_layers: int = 0
+    """ppo: the critic's LoRA adapter covers only the top this many decoder layers (0, or at
+    least the model's depth: all).
+    Below them the critic is the reference's frozen trunk, whose hidden states the rollout's
+    reference pass computes anyway, so the critic's forwards and backwards run only its own
+    layers: a cheaper critic, measured in benchmarks/RESULTS.md. Refused at start-up for a model
+    whose top layers cannot run alone (checked on a few tokens)."""
     calibrate_value_head: bool = True
     """ppo: when the value head starts from the reward model's score head, fit its scale and
     offset to the first batch's rewards-to-go before the first update."""
@@ -132,8 +139,8 @@ class PPOConfig:
             )
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"kl_estimator: {self.kl_estimator!r} is not one of k1, k3")
-        if min(self.critic_warmup, self.entropy_rows) < 0:
-            raise ConfigError("critic_warmup and entropy_rows: must be >= 0")
+        if min(self.critic_warmup, self.entropy_rows, self.critic_layers) < 0:
+            raise ConfigError("critic_warmup, critic_layers and entropy_rows: must be >= 0")
         if not self.ptx_coef >= 0:
             raise ConfigError(f"ptx_coef: must be >= 0, got {self.ptx_coef}")
         try:
@@ -154,18 +161,21 @@ class PPOConfig:
         """The rollouts' sampling distribution."""
         return Sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
-    def lora_config(self) -> Any:
+    def lora_config(self, modules: list[str] | None = None) -> Any:
         """The peft LoraConfig of the policy and critic adapters (no dropout: see
-        `rl.ppo.modules.disable_dropout`)."""
+        `rl.ppo.modules.disable_dropout`); `modules`: exactly these (full names) instead of
+        `lora_target_modules`."""
         from peft import LoraConfig
 
-        targets = self.lora_target_modules
         return LoraConfig(
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=0.0,
-            target_modules=targets
-            if targets == "all-linear"
-            else [t.strip() for t in targets.split(",")],
+            target_modules=modules or self.target_modules(),
             task_type="CAUSAL_LM",
         )
+
+    def target_modules(self) -> str | list[str]:
+        """lora_target_modules as peft takes it: "all-linear" or a list of module names."""
+        targets = self.lora_target_modules
+        return targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]

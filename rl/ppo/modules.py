@@ -5,6 +5,10 @@
     reference = base (+ SFT stack)                                -> logits, no adapter of ours
 
 There is one copy of the base weights; `use_adapters` switches which LoRA adapters are active.
+With `critic_layers: k` the critic's adapter covers only the top k decoder layers; below them it
+*is* the reference, so the rollout's reference pass keeps the hidden state entering the first
+of them (`capture_layer_input`) and every critic forward runs the top k layers alone from it
+(`top_layers`).
 The policy's logits come from the model's own `forward` (`agent.sampling.reply_logits`), so
 soft-capping and logit scaling apply exactly as in sampling, and only the reply positions are
 projected onto the vocabulary. Dropout is off in every module for the whole run
@@ -65,29 +69,131 @@ class ActorCritic(nn.Module):
     """The peft model and the value head as one module; `part` picks what a forward computes.
 
     The caller makes the part's adapters active (`use_adapters`) around the forward *and* its
-    backward, so gradient checkpointing recomputes under the same adapters.
+    backward, so gradient checkpointing recomputes under the same adapters. `critic_first_layer`
+    > 0: the critic runs only the decoder layers from it on, from the reference's hidden states
+    entering it (`critic_inputs`).
     """
 
-    def __init__(self, model: nn.Module, value_head: ValueHead) -> None:
+    def __init__(
+        self, model: nn.Module, value_head: ValueHead, critic_first_layer: int = 0
+    ) -> None:
         super().__init__()
         self.model = model
         self.value_head = value_head
+        self.critic_first_layer = critic_first_layer
 
     def forward(
-        self, sequences: torch.Tensor, attention_mask: torch.Tensor, n_reply: int, part: str
+        self,
+        sequences: torch.Tensor,
+        attention_mask: torch.Tensor,
+        n_reply: int,
+        part: str,
+        critic_inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """part "policy": logits (B, R, V) predicting the last `n_reply` tokens; "critic": values
         (B, R) of the states before each of them."""
         if part == "policy":
             return reply_logits(self.model, sequences, attention_mask, n_reply)
         decoder = self.model.get_base_model().get_decoder()
-        hidden = decoder(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            position_ids=position_ids_of(attention_mask),
-            use_cache=False,
-        ).last_hidden_state  # (B, T, H)
+        position_ids = position_ids_of(attention_mask)
+        if not self.critic_first_layer:
+            hidden = decoder(
+                input_ids=sequences,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            ).last_hidden_state  # (B, T, H)
+        else:
+            if critic_inputs is None:
+                raise ValueError("a critic of the top layers needs the reference's critic_inputs")
+            with top_layers(decoder, self.critic_first_layer):
+                hidden = decoder(
+                    inputs_embeds=critic_inputs,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                ).last_hidden_state
         return self.value_head(hidden[:, -n_reply - 1 : -1])  # (B, R)
+
+
+# ---- a critic of the top layers -----------------------------------------------------------
+
+
+@contextmanager
+def top_layers(decoder: nn.Module, first: int) -> Iterator[None]:
+    """Inside, `decoder` holds only its layers from `first` on: called with `inputs_embeds` = the
+    hidden states entering layer `first`, it returns what the whole decoder would (checked per
+    model by `top_layers_problem`: a decoder that rescales its input embeddings would not)."""
+    layers = decoder.layers
+    decoder.layers = nn.ModuleList(list(layers)[first:])
+    try:
+        yield
+    finally:
+        decoder.layers = layers
+
+
+@contextmanager
+def capture_layer_input(decoder: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]:
+    """Inside, every forward of `decoder` appends the hidden states entering its layer `layer`
+    (B, T, H) to the yielded list, detached."""
+    kept: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kept.append(hidden.detach())
+
+    handle = decoder.layers[layer].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
+def top_layer_modules(model: nn.Module, first: int, targets: str | list[str]) -> list[str]:
+    """Full names of the linear modules a critic of the decoder layers from `first` on adapts:
+    every linear module in them ("all-linear") or those whose name ends in one of `targets`."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    prefix = next(name for name, module in model.named_modules() if module is decoder.layers)
+    names = []
+    for index in range(first, len(decoder.layers)):
+        for name, module in decoder.layers[index].named_modules():
+            if not isinstance(module, nn.Linear) or "lora_" in name:
+                continue
+            name = name.removesuffix(".base_layer")  # a linear wrapped by an SFT adapter
+            if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
+                names.append(f"{prefix}.{index}.{name}")
+    if not names:
+        raise ValueError(f"no linear modules {targets} in decoder layers {first}+")
+    return names
+
+
+@torch.no_grad()
+def top_layers_problem(model: nn.Module, first: int) -> str | None:
+    """Why `top_layers` would not be exact for this model, or None. Refused: layers of mixed
+    kinds (sliding and full attention, picked by layer index inside the decoder's loop), and a
+    difference between the whole decoder's last hidden states and those of its layers from
+    `first` on (e.g. a decoder that scales its input embeddings), on a few tokens in two rows,
+    one left-padded."""
+    lm = model.get_base_model()
+    kinds = set(getattr(lm.config.get_text_config(), "layer_types", None) or [])
+    if len(kinds) > 1:
+        return f"its layers are of different kinds ({', '.join(sorted(kinds))})"
+    decoder = lm.get_decoder()
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 9, device=device).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    position_ids = position_ids_of(mask)
+    with capture_layer_input(decoder, first) as kept:
+        whole = decoder(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+    with top_layers(decoder, first):
+        top = decoder(
+            inputs_embeds=kept[0], attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+    error = float((whole - top)[mask.bool()].abs().max())
+    return None if error < 1e-4 else f"its top layers run alone differ by up to {error:.3g}"
 
 
 @dataclass
@@ -104,6 +210,7 @@ class Rollout:
     values: torch.Tensor  # (B, R); (B, 0) without a critic (RLOO)
     replies: list[str]
     seconds: float
+    critic_inputs: torch.Tensor | None = None  # (B, P + R, H): critic_layers > 0 only
 
 
 def left_pad(
@@ -129,20 +236,21 @@ def reply_mask(responses: torch.Tensor, end_ids: list[int]) -> tuple[torch.Tenso
 # ---- adapters ------------------------------------------------------------------------------
 
 
-def add_adapters(model: nn.Module, lora: Any, names: list[str]) -> tuple[nn.Module, list[str]]:
-    """Put fresh trainable LoRA adapters `names` (peft `LoraConfig` `lora`) on the model, above
-    its active adapters (the SFT stack, kept frozen). Returns the peft model and the stack below.
+def add_adapters(model: nn.Module, adapters: dict[str, Any]) -> tuple[nn.Module, list[str]]:
+    """Put fresh trainable LoRA adapters (name -> peft `LoraConfig`) on the model, above its
+    active adapters (the SFT stack, kept frozen). Returns the peft model and the stack below.
     """
     from peft import PeftModel, get_peft_model
 
     below: list[str] = []
+    (first, lora), *rest = adapters.items()
     if isinstance(model, PeftModel):
         below = list(model.base_model.active_adapters)
-        model.add_adapter(names[0], lora)
+        model.add_adapter(first, lora)
     else:
-        model = get_peft_model(model, lora, adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, lora)
+        model = get_peft_model(model, lora, adapter_name=first)
+    for name, config in rest:
+        model.add_adapter(name, config)
     return model, below
 
 

@@ -55,12 +55,15 @@ from rl.ppo.modules import (
     Rollout,
     ValueHead,
     add_adapters,
+    capture_layer_input,
     disable_dropout,
     left_pad,
     load_ppo,
     reply_mask,
     save_ppo,
     set_trainable,
+    top_layer_modules,
+    top_layers_problem,
     use_adapters,
     weights_digest,
 )
@@ -95,7 +98,14 @@ class PPOTrainer:
         self.rloo = config.algorithm == "rloo"
         self.trainable = [POLICY] if self.rloo else [POLICY, CRITIC]
         torch.manual_seed(config.seed)  # identical adapters and head on every process
-        self.model, self.below = add_adapters(policy.model, config.lora_config(), self.trainable)
+        n_layers, k = len(policy.base_model.get_decoder().layers), config.critic_layers
+        self.critic_first_layer = n_layers - k if 0 < k < n_layers and not self.rloo else 0
+        adapters = {POLICY: config.lora_config()}
+        if not self.rloo:
+            first, targets = self.critic_first_layer, config.target_modules()
+            top = top_layer_modules(policy.base_model, first, targets) if first else None
+            adapters[CRITIC] = config.lora_config(top)
+        self.model, self.below = add_adapters(policy.model, adapters)
         n_dropout = disable_dropout(self.model)
         self.policy_adapters, self.critic_adapters = [*self.below, POLICY], [*self.below, CRITIC]
         self.model.base_model.set_adapter(self.policy_adapters)  # the policy, by default
@@ -110,7 +120,13 @@ class PPOTrainer:
         )
         if value_init is not None and not self.rloo:
             self.value_head.init_from(*value_init)
-        self.module = ActorCritic(self.model, self.value_head)
+        self.module = ActorCritic(self.model, self.value_head, self.critic_first_layer)
+        first = self.critic_first_layer
+        if first and (problem := top_layers_problem(self.model, first)):
+            raise ConfigError(
+                f"critic_layers: {config.critic_layers}: this model ({type(lm).__name__}) cannot "
+                f"run a critic of its top layers alone: {problem}; use critic_layers: 0"
+            )
         named = list(self.model.named_parameters())
         self.policy_params = [p for n, p in named if f".{POLICY}." in n]
         self.critic_params = [] if self.rloo else [p for n, p in named if f".{CRITIC}." in n]
@@ -169,16 +185,28 @@ class PPOTrainer:
         mask, ended = reply_mask(responses, self.end_ids)
         attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
         logprobs = self._logprobs(sequences, attention_mask, responses)
-        with self.reference():
+        with self.reference(), self._keep_critic_inputs() as kept:
             ref_logprobs = self._logprobs(sequences, attention_mask, responses)
+        critic_inputs = torch.cat(kept) if kept else None  # below its layers, critic = reference
         values = mask[:, :0]
         if not self.rloo:
-            values = self._values(sequences, attention_mask, responses.shape[1])
+            values = self._values(sequences, attention_mask, responses.shape[1], critic_inputs)
         replies = self._decode(responses, mask)
         return Rollout(
             sequences, attention_mask, responses, mask, ended, logprobs, ref_logprobs, values,
-            replies, time.perf_counter() - start,
+            replies, time.perf_counter() - start, critic_inputs,
         )  # fmt: skip
+
+    @contextmanager
+    def _keep_critic_inputs(self) -> Iterator[list[torch.Tensor]]:
+        """With a critic of the top layers: the hidden states entering its first layer, of
+        every forward inside; otherwise nothing."""
+        if not self.critic_first_layer:
+            yield []
+            return
+        decoder = self.model.get_base_model().get_decoder()
+        with capture_layer_input(decoder, self.critic_first_layer) as kept:
+            yield kept
 
     def _logprobs(
         self, sequences: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor
@@ -193,14 +221,20 @@ class PPOTrainer:
         return torch.cat(out)
 
     def _values(
-        self, sequences: torch.Tensor, attention_mask: torch.Tensor, n_reply: int
+        self,
+        sequences: torch.Tensor,
+        attention_mask: torch.Tensor,
+        n_reply: int,
+        critic_inputs: torch.Tensor | None,
     ) -> torch.Tensor:
         """The critic's values (B, R), in mini_batch_size chunks."""
         out, n = [], self.config.mini_batch_size
         with use_adapters(self.model, self.critic_adapters, self.trainable):
             for i in range(0, len(sequences), n):
+                rows = slice(i, i + n)
+                inputs = None if critic_inputs is None else critic_inputs[rows]
                 out.append(
-                    self.module(sequences[i : i + n], attention_mask[i : i + n], n_reply, "critic")
+                    self.module(sequences[rows], attention_mask[rows], n_reply, "critic", inputs)
                 )
         return torch.cat(out)
 
@@ -419,8 +453,10 @@ class PPOTrainer:
         cfg = self.config
         scale = 1 / cfg.gradient_accumulation_steps
         with use_adapters(self.model, self.critic_adapters, self.trainable):
+            inputs = None if batch.critic_inputs is None else batch.critic_inputs[idx]
+            n_reply = batch.responses.shape[1]
             values = self.module(
-                batch.sequences[idx], batch.attention_mask[idx], batch.responses.shape[1], "critic"
+                batch.sequences[idx], batch.attention_mask[idx], n_reply, "critic", inputs
             )  # (b, R)
             loss, clipfrac = value_loss(
                 values, batch.values[idx], returns[idx], batch.mask[idx], cfg.cliprange_value

@@ -377,6 +377,56 @@ def test_reference_keeps_the_sft_adapter_on(tiny_model_dir: Path, tmp_path: Path
             assert torch.equal(p, sft_weights[n])
 
 
+@pytest.mark.parametrize("with_sft", [False, True])
+def test_a_critic_of_the_top_layers_gives_the_values_of_its_whole_forward(
+    tiny_model_dir: Path, tmp_path: Path, with_sft: bool
+) -> None:
+    sft = [str(make_sft_adapter(tiny_model_dir, tmp_path / "sft"))] if with_sft else []
+    trainer = make_trainer(tiny_model_dir, adapters=sft, critic_layers=1)  # the top one of two
+    critic = [n for n, _ in trainer.module.named_parameters() if ".critic." in n]
+    assert critic and all(".layers.1." in n for n in critic), critic
+    envs = DialogueVectorEnv(4, PROMPTS, lambda c, r: float(len(r) % 3))
+    envs.reset(seed=0)
+    for _ in range(2):  # the head moves first (it starts at 0), then the critic's LoRA B
+        trainer.train_step(envs)
+    assert any(p.abs().sum() > 0 for n, p in trainer.module.named_parameters()
+               if ".critic." in n and "lora_B" in n)  # fmt: skip
+    batch = trainer.rollout(CONTEXTS[:4])
+    assert batch.critic_inputs is not None
+    n_reply = batch.responses.shape[1]
+    trainer.module.critic_first_layer = 0  # the same adapters, every layer run
+    with torch.no_grad():
+        whole = trainer._values(batch.sequences, batch.attention_mask, n_reply, None)
+    assert torch.allclose(batch.values * batch.mask, whole * batch.mask, atol=1e-5)
+    assert not torch.allclose(whole, torch.zeros_like(whole))
+
+
+@pytest.mark.parametrize("kind", ["granite", "gemma2"])
+def test_a_critic_of_the_top_layers_is_refused_where_they_cannot_run_alone(
+    tiny_model_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, GraniteConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shape = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    config, why = {
+        # Granite scales whatever enters its first layer, input embeddings included
+        "granite": (GraniteConfig(**shape, embedding_multiplier=12.0), "differ by up to"),
+        # Gemma-2 picks sliding or full attention by the layer's index in the decoder's loop
+        "gemma2": (Gemma2Config(**shape, sliding_window=4), "different kinds"),
+    }[kind]
+    out = tmp_path / kind
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    with pytest.raises(ConfigError, match=f"critic_layers: 1: .*{why}"):
+        make_trainer(out, critic_layers=1)
+    make_trainer(out)  # the whole-model critic is fine
+
+
 def test_save_and_load_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
     trainer = make_trainer(tiny_model_dir)
     envs = DialogueVectorEnv(4, PROMPTS, lambda c, r: float("e" in r))

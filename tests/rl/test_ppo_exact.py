@@ -173,11 +173,15 @@ def test_update_projects_reply_positions_and_measures_entropy_once(
     assert entropy_calls == [(1, False)] and metrics["policy/entropy"] > 0
 
 
+@pytest.mark.parametrize("critic_layers", [0, 1])
 @pytest.mark.parametrize(
     "option", [{"gradient_accumulation_steps": 2}, {"gradient_checkpointing": True}]
 )
-def test_memory_options_give_the_same_update(tiny_model_dir: Path, option: dict) -> None:
-    plain, other = make_trainer(tiny_model_dir), make_trainer(tiny_model_dir, **option)
+def test_memory_options_give_the_same_update(
+    tiny_model_dir: Path, option: dict, critic_layers: int
+) -> None:
+    plain = make_trainer(tiny_model_dir, critic_layers=critic_layers)
+    other = make_trainer(tiny_model_dir, critic_layers=critic_layers, **option)
     batch = plain.rollout(CONTEXTS)
     batch.mask[:] = 1  # equal token counts per micro-batch, so the means agree exactly
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.2])
@@ -188,7 +192,8 @@ def test_memory_options_give_the_same_update(tiny_model_dir: Path, option: dict)
         plain.module.named_parameters(), other.module.named_parameters(), strict=True
     ):
         assert torch.allclose(a, b, atol=1e-6), name
-    assert plain.weights_digest() != make_trainer(tiny_model_dir).weights_digest()
+    fresh = make_trainer(tiny_model_dir, critic_layers=critic_layers)
+    assert plain.weights_digest() != fresh.weights_digest()
 
 
 # ---- 6. scores are normalised once (by the reward model), not again by running moments --------
