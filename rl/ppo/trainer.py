@@ -225,9 +225,10 @@ class PPOTrainer:
         sequences: torch.Tensor,
         attention_mask: torch.Tensor,
         n_reply: int,
-        critic_inputs: torch.Tensor | None,
+        critic_inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The critic's values (B, R), in mini_batch_size chunks."""
+        """The critic's values (B, R), in mini_batch_size chunks (a critic of the top layers
+        needs `critic_inputs`, the reference's hidden states entering them)."""
         out, n = [], self.config.mini_batch_size
         with use_adapters(self.model, self.critic_adapters, self.trainable):
             for i in range(0, len(sequences), n):

@@ -396,7 +396,7 @@ def test_a_critic_of_the_top_layers_gives_the_values_of_its_whole_forward(
     n_reply = batch.responses.shape[1]
     trainer.module.critic_first_layer = 0  # the same adapters, every layer run
     with torch.no_grad():
-        whole = trainer._values(batch.sequences, batch.attention_mask, n_reply, None)
+        whole = trainer._values(batch.sequences, batch.attention_mask, n_reply)
     assert torch.allclose(batch.values * batch.mask, whole * batch.mask, atol=1e-5)
     assert not torch.allclose(whole, torch.zeros_like(whole))
 
