@@ -11,6 +11,9 @@ e's and characters decoded so far, their ratio and the position. Two such fits: 
 the batch itself: optimistic) and out-of-sample (fitted on the previous batch, scored on this
 one: what a critic that knew the right feature would show). The reward is unknown until the
 reply is sampled, so early positions cannot be predicted: the fits say where the ceiling is.
+A third column asks what the model's own features offer a critic: a ridge regression of the
+returns on the frozen model's last hidden states at the same positions, fitted on the previous
+four batches and scored on this one (a value head that did not have to learn its features).
 Not a test: a measurement for the notes of issue #11.
 """
 
@@ -73,6 +76,28 @@ def prefix_features(tokenizer, responses: torch.Tensor, mask: np.ndarray) -> np.
     return np.asarray(rows)
 
 
+@torch.no_grad()
+def frozen_hidden(trainer, batch, mask: np.ndarray) -> np.ndarray:
+    """(n_masked, H + 1): the reference's last hidden state before each reply token, and 1."""
+    from agent.sampling import position_ids_of
+
+    decoder = trainer.model.get_base_model().get_decoder()
+    with trainer.reference():
+        hidden = decoder(
+            input_ids=batch.sequences,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids_of(batch.attention_mask),
+            use_cache=False,
+        ).last_hidden_state[:, -batch.responses.shape[1] - 1 : -1]
+    x = hidden.numpy()[mask]
+    return np.concatenate([x, np.ones((len(x), 1))], axis=1)
+
+
+def ridge(xs: list[np.ndarray], ys: list[np.ndarray], alpha: float = 1.0) -> np.ndarray:
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T @ y)
+
+
 def explained(y: np.ndarray, prediction: np.ndarray) -> float:
     return float(1 - np.var(y - prediction) / max(np.var(y), 1e-12))
 
@@ -119,9 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer.update = keep_batch  # type: ignore[method-assign]
     envs = DialogueVectorEnv(trainer.config.num_contexts, PROMPTS, share_of_e)
     envs.reset(seed=0)
-    rows, previous = [], None
+    rows, previous, probe_data = [], None, []
     print(
         f"{'iter':>4} {'reward':>7} {'critic EV':>10} {'fit in-sample':>14} {'fit out-of-sample':>18}"
+        f" {'frozen probe':>13}"
     )
     for it in range(args.iterations):
         metrics = trainer.train_step(envs)
@@ -132,16 +158,22 @@ def main(argv: list[str] | None = None) -> None:
         inside = explained(y, x @ coef)
         outside = explained(y, x @ previous) if previous is not None else float("nan")
         previous = coef
-        rows.append((metrics["value/explained_variance"], inside, outside))
+        h = frozen_hidden(trainer, seen["batch"], mask)
+        probe = float("nan")
+        if probe_data:
+            recent = probe_data[-4:]
+            probe = explained(y, h @ ridge([a for a, _ in recent], [b for _, b in recent]))
+        probe_data.append((h, y))
+        rows.append((metrics["value/explained_variance"], inside, outside, probe))
         print(f"{it:>4} {metrics['reward/mean']:>7.3f} {rows[-1][0]:>+10.3f} {inside:>14.3f} "
-              f"{outside:>+18.3f}", flush=True)  # fmt: skip
+              f"{outside:>+18.3f} {probe:>+13.3f}", flush=True)  # fmt: skip
     table = np.asarray(rows)
     third = max(1, args.iterations // 3)
     print("\nmeans over thirds of the run")
     for lo, hi in [(0, third), (third, 2 * third), (2 * third, args.iterations)]:
-        critic, inside, outside = np.nanmean(table[lo:hi], axis=0)
+        critic, inside, outside, probe = np.nanmean(table[lo:hi], axis=0)
         print(f"iterations {lo}-{hi - 1}: critic EV {critic:+.3f}, prefix fit in-sample "
-              f"{inside:.3f}, out-of-sample {outside:+.3f}")  # fmt: skip
+              f"{inside:.3f}, out-of-sample {outside:+.3f}, frozen probe {probe:+.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

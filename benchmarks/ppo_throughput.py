@@ -9,14 +9,16 @@ the current TRL's RLOOTrainer, like for like.
 
 One invocation prepares one policy (a random model of --hidden/--layers/--vocab, or --policy),
 one reward model (a sequence classifier on the policy's weights with a random score head, the
-same for all) and one prompt set, then runs the four trainers in turn, each in its own
+same for all) and one prompt set, then runs the trainers in turn, each in its own
 subprocess (TRL 1.9.0 and the current TRL cannot share an interpreter; 1.9.0 is put first on
 sys.path for its run). All use LoRA on the policy, 16 replies per iteration, minibatches of 8,
 2 epochs (one optimiser step per minibatch: 4 per iteration), a constant learning rate, the
 same reply length, sampling (temperature 1, full distribution) and KL coefficient. Both PPOs
 train a critic from the first iteration (TRL: a full value model initialised from the reward
 model; ours: a second LoRA adapter + value head initialised from the reward head, with our
-critic warm-up switched off so the policy steps as often as TRL's). Reported per trainer:
+critic warm-up switched off so the policy steps as often as TRL's); `ours_top` is our PPO
+with a critic of the top --critic-layers layers only (`critic_layers`: below them the critic
+is the reference's frozen trunk, computed anyway). Reported per trainer:
 generated tokens per second of generation ("rollout") and of everything else ("update"),
 overall tokens/s, reward gained per minute (mean reward-model score of the last quarter of
 iterations minus the first quarter, over the run's time), the critic's explained variance
@@ -39,7 +41,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_190 = ROOT / ".bench" / "trl190"
-TRAINERS = ("ours", "ours_rloo", "trl190_ppo", "trl_rloo")
+TRAINERS = ("ours", "ours_top", "ours_rloo", "trl190_ppo", "trl_rloo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reply-tokens", type=int, default=24, help="max new tokens per reply")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (LoRA)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    p.add_argument(
+        "--critic-layers", type=int, default=4,
+        help="ours_top: our PPO with a critic of the top this many layers (ppo.critic_layers)",
+    )  # fmt: skip
     p.add_argument(
         "--work", type=Path,
         help="scratch dir (default: .bench/ppo_work/<the policy's path or shape>)",
@@ -150,10 +156,12 @@ def result(
     }
 
 
-# ---- the four trainers (each runs in a child process) ---------------------------------------
+# ---- the trainers (each runs in a child process) --------------------------------------------
 
 
-def run_ours(args: argparse.Namespace, algorithm: str = "ppo") -> dict[str, Any]:
+def run_ours(
+    args: argparse.Namespace, algorithm: str = "ppo", critic_layers: int = 0
+) -> dict[str, Any]:
     from agent.modeling import Policy
     from rl.env import DialogueVectorEnv, Prompt
     from rl.ppo import PPOConfig, PPOTrainer
@@ -170,7 +178,7 @@ def run_ours(args: argparse.Namespace, algorithm: str = "ppo") -> dict[str, Any]
     config = PPOConfig(
         algorithm=algorithm, batch_size=16, rloo_k=2, mini_batch_size=8, ppo_epochs=2,
         max_new_tokens=args.reply_tokens, learning_rate=args.lr, kl_coef=0.05, critic_warmup=0,
-        missing_eos_penalty=0.0, max_prompt_tokens=128,
+        missing_eos_penalty=0.0, max_prompt_tokens=128, critic_layers=critic_layers,
     )  # fmt: skip
     policy = Policy(policy_dir(args))
     reward = RewardModel.load(work / "reward", device=policy.device)
@@ -200,12 +208,16 @@ def run_ours(args: argparse.Namespace, algorithm: str = "ppo") -> dict[str, Any]
             ratio = m["policy/ratio"]
     _sync()
     wall = now() - wall
-    name = "ours" if algorithm == "ppo" else "ours_rloo"
+    name = "ours_rloo" if algorithm == "rloo" else "ours_top" if critic_layers else "ours"
     return result(name, tokens, gen["s"], wall, rewards, wall, str(policy.device), evs, ratio)
 
 
 def run_ours_rloo(args: argparse.Namespace) -> dict[str, Any]:
     return run_ours(args, algorithm="rloo")
+
+
+def run_ours_top(args: argparse.Namespace) -> dict[str, Any]:
+    return run_ours(args, critic_layers=args.critic_layers)
 
 
 CLOCK = {"fn": time.perf_counter}
@@ -420,6 +432,7 @@ def run_trl_rloo(args: argparse.Namespace) -> dict[str, Any]:
 
 RUNNERS = {
     "ours": run_ours,
+    "ours_top": run_ours_top,
     "ours_rloo": run_ours_rloo,
     "trl190_ppo": run_trl190_ppo,
     "trl_rloo": run_trl_rloo,
@@ -438,20 +451,23 @@ def child(args: argparse.Namespace) -> None:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    ours = next((r for r in results if r["trainer"] == "ours"), None)
+    by_name = {r["trainer"]: r for r in results}
+    ours, top = by_name.get("ours"), by_name.get("ours_top")
     lines = [
-        "| trainer | device | clock | iters | rollout tok/s | update tok/s | overall tok/s | reward first→last | reward gain/min | critic EV (2nd half) | first ratio | ours' overall tok/s ÷ this |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| trainer | device | clock | iters | rollout tok/s | update tok/s | overall tok/s | reward first→last | reward gain/min | critic EV (2nd half) | first ratio | ours' overall tok/s ÷ this | ours_top's ÷ this |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def speedup(mine: dict[str, Any] | None, r: dict[str, Any]) -> str:
+        return f"{mine['tokens_per_s'] / r['tokens_per_s']:.2f}x" if mine and r is not mine else "—"
+
     for r in results:
-        ratio = (
-            f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if ours and r is not ours else "—"
-        )
         lines.append(
-            f"| {r['trainer']} | {r['device']} | {r['clock']} | {r['iterations']} | {r['rollout_tokens_per_s']:.0f} | "
-            f"{r['update_tokens_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
+            f"| {r['trainer']} | {r['device']} | {r['clock']} | {r['iterations']} | {r['rollout_tokens_per_s']:.1f} | "
+            f"{r['update_tokens_per_s']:.1f} | {r['tokens_per_s']:.2f} | "
             f"{r['reward_first']:.3f}→{r['reward_last']:.3f} | {r['reward_gain_per_min']:.3f} | "
-            f"{_num(r.get('ev_second_half'))} | {_num(r.get('first_ratio'))} | {ratio} |"
+            f"{_num(r.get('ev_second_half'))} | {_num(r.get('first_ratio'))} | {speedup(ours, r)} | "
+            f"{speedup(top, r)} |"
         )
     return "\n".join(lines)
 
