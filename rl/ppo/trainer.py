@@ -71,6 +71,20 @@ from rl.ppo.modules import (
 log = logging.getLogger(__name__)
 
 
+def critic_first_layer(policy: Policy, config: PPOConfig) -> int:
+    """The first decoder layer of a critic of the top `critic_layers` layers (0: all of them)."""
+    decoder, k = policy.base_model.get_decoder(), config.critic_layers
+    if k == 0:
+        return 0
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(
+            f"critic_layers: {k}: this model's decoder ({type(decoder).__name__}) keeps its "
+            "layers under another name than `layers`; use critic_layers: 0"
+        )
+    return len(layers) - k if k < len(layers) else 0
+
+
 class PPOTrainer:
     """PPO or RLOO on a `Policy`: owns the adapters, the value head, the optimizer and the
     controllers. Runs unchanged in one process or under `accelerate launch` / `torchrun`
@@ -98,8 +112,7 @@ class PPOTrainer:
         self.rloo = config.algorithm == "rloo"
         self.trainable = [POLICY] if self.rloo else [POLICY, CRITIC]
         torch.manual_seed(config.seed)  # identical adapters and head on every process
-        n_layers, k = len(policy.base_model.get_decoder().layers), config.critic_layers
-        self.critic_first_layer = n_layers - k if 0 < k < n_layers and not self.rloo else 0
+        self.critic_first_layer = 0 if self.rloo else critic_first_layer(policy, config)
         adapters = {POLICY: config.lora_config()}
         if not self.rloo:
             first, targets = self.critic_first_layer, config.target_modules()

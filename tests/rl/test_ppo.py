@@ -401,11 +401,17 @@ def test_a_critic_of_the_top_layers_gives_the_values_of_its_whole_forward(
     assert not torch.allclose(whole, torch.zeros_like(whole))
 
 
-@pytest.mark.parametrize("kind", ["granite", "gemma2"])
+@pytest.mark.parametrize("kind", ["granite", "gemma2", "gpt2"])
 def test_a_critic_of_the_top_layers_is_refused_where_they_cannot_run_alone(
     tiny_model_dir: Path, tmp_path: Path, kind: str
 ) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, GraniteConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Gemma2Config,
+        GPT2Config,
+        GraniteConfig,
+    )
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     shape = dict(
@@ -418,6 +424,19 @@ def test_a_critic_of_the_top_layers_is_refused_where_they_cannot_run_alone(
         "granite": (GraniteConfig(**shape, embedding_multiplier=12.0), "differ by up to"),
         # Gemma-2 picks sliding or full attention by the layer's index in the decoder's loop
         "gemma2": (Gemma2Config(**shape, sliding_window=4), "different kinds"),
+        # GPT-2 keeps its blocks under `h`
+        "gpt2": (
+            GPT2Config(
+                vocab_size=len(tok),
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                bos_token_id=None,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            ),
+            "another name",
+        ),  # fmt: skip
     }[kind]
     out = tmp_path / kind
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
