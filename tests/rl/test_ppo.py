@@ -419,6 +419,7 @@ def test_a_critic_of_the_top_layers_is_refused_where_they_cannot_run_alone(
         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
     )  # fmt: skip
+    ids = {k: shape[k] for k in ("vocab_size", "pad_token_id", "eos_token_id")}
     config, why = {
         # Granite scales whatever enters its first layer, input embeddings included
         "granite": (GraniteConfig(**shape, embedding_multiplier=12.0), "differ by up to"),
@@ -426,17 +427,9 @@ def test_a_critic_of_the_top_layers_is_refused_where_they_cannot_run_alone(
         "gemma2": (Gemma2Config(**shape, sliding_window=4), "different kinds"),
         # GPT-2 keeps its blocks under `h`
         "gpt2": (
-            GPT2Config(
-                vocab_size=len(tok),
-                n_embd=32,
-                n_layer=2,
-                n_head=2,
-                bos_token_id=None,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            ),
+            GPT2Config(n_embd=32, n_layer=2, n_head=2, bos_token_id=None, **ids),
             "another name",
-        ),  # fmt: skip
+        ),
     }[kind]
     out = tmp_path / kind
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
