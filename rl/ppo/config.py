@@ -38,11 +38,11 @@ class PPOConfig:
     """ppo: the first this many iterations train only the critic (the policy stays as it is)."""
     critic_layers: int = 0
     """ppo: the critic's LoRA adapter covers only the top this many decoder layers (0, or at
-    least the model's depth: all).
-    Below them the critic is the reference's frozen trunk, whose hidden states the rollout's
-    reference pass computes anyway, so the critic's forwards and backwards run only its own
-    layers: a cheaper critic, measured in benchmarks/RESULTS.md. Refused at start-up for a model
-    whose top layers cannot run alone (checked on a few tokens)."""
+    least the model's depth: all). Below them the critic is the reference's frozen trunk, whose
+    hidden states the rollout's reference pass computes anyway, so the critic's forwards and
+    backwards run only its own layers: a cheaper critic that explains less early on (measured
+    in benchmarks/RESULTS.md). Refused at start-up for a model whose top layers cannot run
+    alone (checked on a few tokens)."""
     calibrate_value_head: bool = True
     """ppo: when the value head starts from the reward model's score head, fit its scale and
     offset to the first batch's rewards-to-go before the first update."""
