@@ -139,8 +139,9 @@ class PPOConfig:
             )
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"kl_estimator: {self.kl_estimator!r} is not one of k1, k3")
-        if min(self.critic_warmup, self.entropy_rows, self.critic_layers) < 0:
-            raise ConfigError("critic_warmup, critic_layers and entropy_rows: must be >= 0")
+        for name in ("critic_warmup", "critic_layers", "entropy_rows"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.ptx_coef >= 0:
             raise ConfigError(f"ptx_coef: must be >= 0, got {self.ptx_coef}")
         try:

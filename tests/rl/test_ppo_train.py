@@ -152,6 +152,8 @@ def test_config_from_yaml_and_flags(tmp_path: Path) -> None:
         load_dataclass(ppo_train.Config, None, ["kl_estimator=k9"])
     with pytest.raises(ConfigError, match="unknown field"):
         load_dataclass(ppo_train.Config, None, ["learning_rat=1"])
+    with pytest.raises(ConfigError, match="critic_layers: must be >= 0, got -1"):
+        load_dataclass(ppo_train.Config, None, ["critic_layers=-1"])
 
 
 def test_missing_reward_and_policy_are_named(
