@@ -79,17 +79,12 @@ def prefix_features(tokenizer, responses: torch.Tensor, mask: np.ndarray) -> np.
 @torch.no_grad()
 def frozen_hidden(trainer, batch, mask: np.ndarray) -> np.ndarray:
     """(n_masked, H + 1): the reference's last hidden state before each reply token, and 1."""
-    from agent.sampling import position_ids_of
+    from rl.ppo.modules import decoder_states
 
     decoder = trainer.model.get_base_model().get_decoder()
     with trainer.reference():
-        hidden = decoder(
-            input_ids=batch.sequences,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids_of(batch.attention_mask),
-            use_cache=False,
-        ).last_hidden_state[:, -batch.responses.shape[1] - 1 : -1]
-    x = hidden.numpy()[mask]
+        hidden = decoder_states(decoder, batch.sequences, batch.attention_mask)
+    x = hidden[:, -batch.responses.shape[1] - 1 : -1].numpy()[mask]
     return np.concatenate([x, np.ones((len(x), 1))], axis=1)
 
 

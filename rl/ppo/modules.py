@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,26 +94,28 @@ class ActorCritic(nn.Module):
         (B, R) of the states before each of them."""
         if part == "policy":
             return reply_logits(self.model, sequences, attention_mask, n_reply)
-        decoder = self.model.get_base_model().get_decoder()
-        position_ids = position_ids_of(attention_mask)
-        if not self.critic_first_layer:
-            hidden = decoder(
-                input_ids=sequences,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-            ).last_hidden_state  # (B, T, H)
-        else:
-            if critic_inputs is None:
-                raise ValueError("a critic of the top layers needs the reference's critic_inputs")
-            with top_layers(decoder, self.critic_first_layer):
-                hidden = decoder(
-                    inputs_embeds=critic_inputs,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                ).last_hidden_state
+        decoder, first = self.model.get_base_model().get_decoder(), self.critic_first_layer
+        if first and critic_inputs is None:
+            raise ValueError("a critic of the top layers needs the reference's critic_inputs")
+        inputs = critic_inputs if first else sequences
+        hidden = decoder_states(decoder, inputs, attention_mask, first)  # (B, T, H)
         return self.value_head(hidden[:, -n_reply - 1 : -1])  # (B, R)
+
+
+def decoder_states(
+    decoder: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor, first: int = 0
+) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H): of token ids `inputs` (B, T) through every
+    layer (`first` 0), or of hidden states `inputs` (B, T, H) entering layer `first` through
+    the layers from it on. Positions skip left padding, as in sampling."""
+    kind = "inputs_embeds" if first else "input_ids"
+    with top_layers(decoder, first) if first else nullcontext():
+        return decoder(
+            **{kind: inputs},
+            attention_mask=attention_mask,
+            position_ids=position_ids_of(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
 
 
 # ---- a critic of the top layers -----------------------------------------------------------
@@ -152,7 +154,7 @@ def capture_layer_input(decoder: nn.Module, layer: int) -> Iterator[list[torch.T
 def top_layer_modules(model: nn.Module, first: int, targets: str | list[str]) -> list[str]:
     """Full names of the linear modules a critic of the decoder layers from `first` on adapts:
     every linear module in them ("all-linear") or those whose name ends in one of `targets`."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder = model.get_decoder()
     prefix = next(name for name, module in model.named_modules() if module is decoder.layers)
     names = []
     for index in range(first, len(decoder.layers)):
@@ -183,15 +185,9 @@ def top_layers_problem(model: nn.Module, first: int) -> str | None:
     ids = torch.arange(1, 9, device=device).repeat(2, 1)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    position_ids = position_ids_of(mask)
     with capture_layer_input(decoder, first) as kept:
-        whole = decoder(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-    with top_layers(decoder, first):
-        top = decoder(
-            inputs_embeds=kept[0], attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        whole = decoder_states(decoder, ids, mask)
+    top = decoder_states(decoder, kept[0], mask, first)
     error = float((whole - top)[mask.bool()].abs().max())
     return None if error < 1e-4 else f"its top layers run alone differ by up to {error:.3g}"
 
