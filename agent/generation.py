@@ -23,7 +23,15 @@ from queue import Queue
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from agent.errors import ValidationError
@@ -81,18 +89,55 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `model.generate` for these parameters."""
+    def generate_kwargs(self, device: str | torch.device = "cpu") -> dict[str, Any]:
+        """Keyword arguments of `model.generate` for these parameters (on `device`).
+
+        A seeded sampled reply draws from its own generator (`SeededSampler`), never from
+        torch's global one, which every thread shares; beam sampling has no such hook and seeds
+        the global generator instead (`seed_global_rng`)."""
         kwargs: dict[str, Any] = dict(
             repetition_penalty=self.repetition_penalty, num_beams=self.num_beams
         )
-        if self.do_sample and self.temperature > 0:
+        sampled = self.do_sample and self.temperature > 0
+        if sampled and self.seed is not None and self.num_beams == 1:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(self, device)])
+        elif sampled:
             kwargs.update(
                 do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
             )
         else:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         return kwargs
+
+    def seed_global_rng(self) -> None:
+        """Seed torch's global generator where `generate` draws from it: beam sampling."""
+        if self.seed is not None and self.do_sample and self.temperature > 0 and self.num_beams > 1:
+            torch.manual_seed(self.seed)
+
+
+class SeededSampler(LogitsProcessor):
+    """Multinomial sampling with a generator of its own, as a logits processor for a greedy
+    `generate`: it warps the scores as sampling would (temperature, then top-k, then top-p),
+    draws each row's next token and leaves only that token possible, which greedy decoding
+    then takes. The draws are those `generate` makes after `torch.manual_seed(seed)`, but two
+    replies generated at once (two bases, two users) no longer take each other's."""
+
+    def __init__(self, sampling: SamplingParams, device: str | torch.device) -> None:
+        self.warpers = LogitsProcessorList()
+        if sampling.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(sampling.seed)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)  # (B, V)
+        tokens = torch.multinomial(probs, num_samples=1, generator=self.generator)  # (B, 1)
+        return torch.full_like(scores, -float("inf")).scatter_(1, tokens, 0.0)
 
 
 SAMPLING_RANGES: dict[str, tuple[float, float]] = {
@@ -157,8 +202,7 @@ def generate_batch(
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     t0 = time.perf_counter()
-    if sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
+    sampling.seed_global_rng()
     with torch.inference_mode():
         out = policy.model.generate(
             input_ids=input_ids.to(policy.device),
@@ -167,7 +211,7 @@ def generate_batch(
             eos_token_id=ends,
             pad_token_id=pad,
             suppress_tokens=[pad],  # PAD is never a reply token
-            **sampling.generate_kwargs(),
+            **sampling.generate_kwargs(policy.device),
         )  # (B, T + new)
     latency_ms = (time.perf_counter() - t0) * 1000
     results = []
@@ -249,8 +293,7 @@ class _Job:
         tokenizer = self.policy.tokenizer
         try:
             input_ids = torch.tensor([self.prompt_ids], device=self.policy.device)  # (1, T)
-            if self.sampling.seed is not None:
-                torch.manual_seed(self.sampling.seed)
+            self.sampling.seed_global_rng()
             with torch.inference_mode():
                 out = self.policy.model.generate(
                     input_ids=input_ids,
@@ -261,7 +304,7 @@ class _Job:
                     suppress_tokens=[tokenizer.pad_token_id],
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(stops)]),
                     streamer=streamer,
-                    **self.sampling.generate_kwargs(),
+                    **self.sampling.generate_kwargs(self.policy.device),
                 )  # (1, T + new)
             self.ids = out[0, input_ids.shape[1] :].tolist()
         except Exception as exc:

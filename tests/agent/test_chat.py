@@ -368,6 +368,33 @@ def test_concurrent_turns_on_two_versions_each_get_their_own_policy(env, tiny_mo
     assert results == {v: [text] * 3 for v, text in expected.items()}
 
 
+def test_seeded_replies_on_two_bases_at_once_are_the_sequential_ones(env, tiny_model_dir):
+    # Two bases generate at the same time (each under its own lock): a seeded reply must not
+    # depend on what the other draws. (Seeding torch's global RNG made them interleave.)
+    other = env.registry.add("base", tiny_model_dir)  # a second copy: another base, another lock
+    seeds = {env.base_id: 3, other: 4}
+    prompt = [{"role": "user", "content": "hi"}]
+
+    def replies(version_id: int) -> list[str]:
+        return [
+            env.agent.generate(
+                prompt, SamplingParams(max_new_tokens=32, seed=seeds[version_id] + i), version_id
+            )
+            for i in range(4)
+        ]
+
+    expected = {v: replies(v) for v in seeds}
+    results: dict[int, list[str]] = {}
+    threads = [
+        threading.Thread(target=lambda v=v: results.__setitem__(v, replies(v))) for v in seeds
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == expected
+
+
 def test_failed_generation_keeps_the_user_message_and_the_error(env, monkeypatch):
     policy = env.agent.policy()
 
