@@ -124,7 +124,8 @@ class PPOTrainer:
         self.model.base_model.set_adapter(self.policy_adapters)  # the policy, by default
         set_trainable(self.model, self.trainable)
         lm = self.model.get_base_model()
-        self.value_head = ValueHead(lm.config.get_text_config().hidden_size).to(self.device)
+        hidden_size = lm.config.get_text_config().hidden_size
+        self.value_head = ValueHead(hidden_size, config.seed).to(self.device)
         self.ptx_rows = (ptx_rows or []) if config.ptx_coef > 0 else []
         if config.ptx_coef > 0 and not self.ptx_rows:
             raise ConfigError("ptx_coef: > 0 needs human replies (ptx_rows), and none were given")

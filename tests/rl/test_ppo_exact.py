@@ -190,8 +190,9 @@ def test_memory_options_give_the_same_update(
         trainer.update(batch, rewards)
     for (name, a), (_, b) in zip(
         plain.module.named_parameters(), other.module.named_parameters(), strict=True
-    ):
-        assert torch.allclose(a, b, atol=1e-6), name
+    ):  # equal up to the summation order's rounding, which Adam's first step scales up where a
+        # gradient is ~0 (1.6e-6 seen): 1e-5 is a thousandth of one step at lr 1e-2
+        assert torch.allclose(a, b, atol=1e-5), name
     fresh = make_trainer(tiny_model_dir, critic_layers=critic_layers)
     assert plain.weights_digest() != fresh.weights_digest()
 
