@@ -1,10 +1,11 @@
 """How much of the return variance can a critic explain on PPO's learning test, and ours?
 
     .venv/bin/python benchmarks/critic_ev.py                 # 40 iterations, one thread
-    .venv/bin/python benchmarks/critic_ev.py --set critic_learning_rate=3e-3 --set lam=1.0
+    .venv/bin/python benchmarks/critic_ev.py --set critic_learning_rate=1e-3 --set lam=1.0
+    .venv/bin/python benchmarks/critic_ev.py --seeds 0 1 2 3 4 5   # a summary line per seed
 
 Runs the learning test of tests/rl/test_ppo.py (the tiny random Llama with peaked embeddings,
-reward = the share of "e" in a 16-token reply, 16 replies per iteration) and, beside the
+reward = the share of "e" in a 16-token reply, 64 replies per iteration) and, beside the
 critic's explained variance (EV, of the values computed at rollout against the GAE returns),
 prints what a least-squares fit of the same returns on hand-made prefix features reaches: the
 e's and characters decoded so far, their ratio and the position. Two such fits: in-sample (on
@@ -39,10 +40,11 @@ PROMPTS = [
     Prompt([{"role": "user", "content": f"hello there, friend number {i}"}]) for i in range(12)
 ]
 LEARNING_TEST = {  # tests/rl/test_ppo.py::test_mean_reward_rises_while_kl_stays_bounded
-    "batch_size": 16,
-    "mini_batch_size": 8,
+    "batch_size": 64,
+    "mini_batch_size": 16,
     "max_new_tokens": 16,
-    "learning_rate": 3e-3,
+    "learning_rate": 1e-3,
+    "critic_learning_rate": 3e-3,
     "kl_coef": 0.05,
     "normalize_scores": True,
 }
@@ -106,22 +108,10 @@ def parse_value(text: str) -> object:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iterations", type=int, default=40)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", type=Path, help="where the tiny model is built (default: a temp dir)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a PPOConfig field over the learning test's")  # fmt: skip
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    fields = dict(LEARNING_TEST)
-    for item in args.set:
-        name, _, value = item.partition("=")
-        fields[name] = parse_value(value)
-    work = args.work or Path(tempfile.mkdtemp(prefix="critic-ev-"))
+def run(fields: dict[str, object], work: Path, iterations: int, verbose: bool) -> np.ndarray:
+    """One learning-test run: (iterations, 5) rows of reward, critic EV, the in-sample and
+    out-of-sample prefix fits and the frozen probe; each iteration printed when `verbose`."""
     trainer = PPOTrainer(PPOConfig(**fields), Policy(peaked_model(work), device="cpu"))
-
     seen: dict[str, object] = {}
     measure = trainer_module.explained_variance
 
@@ -140,35 +130,79 @@ def main(argv: list[str] | None = None) -> None:
     envs = DialogueVectorEnv(trainer.config.num_contexts, PROMPTS, share_of_e)
     envs.reset(seed=0)
     rows, previous, probe_data = [], None, []
+    if verbose:
+        print(f"{'iter':>4} {'reward':>7} {'critic EV':>10} {'fit in-sample':>14} "
+              f"{'fit out-of-sample':>18} {'frozen probe':>13}")  # fmt: skip
+    try:
+        for it in range(iterations):
+            metrics = trainer.train_step(envs)
+            mask = seen["mask"].numpy().astype(bool)
+            x = prefix_features(trainer.tokenizer, seen["batch"].responses, mask)
+            y = seen["returns"].numpy()[mask]
+            coef = np.linalg.lstsq(x, y, rcond=None)[0]
+            inside = explained(y, x @ coef)
+            outside = explained(y, x @ previous) if previous is not None else float("nan")
+            previous = coef
+            h = frozen_hidden(trainer, seen["batch"], mask)
+            probe = float("nan")
+            if probe_data:
+                recent = probe_data[-4:]
+                probe = explained(y, h @ ridge([a for a, _ in recent], [b for _, b in recent]))
+            probe_data.append((h, y))
+            rows.append((metrics["reward/mean"], metrics["value/explained_variance"], inside,
+                         outside, probe))  # fmt: skip
+            if verbose:
+                print(f"{it:>4} {rows[-1][0]:>7.3f} {rows[-1][1]:>+10.3f} {inside:>14.3f} "
+                      f"{outside:>+18.3f} {probe:>+13.3f}", flush=True)  # fmt: skip
+    finally:
+        trainer_module.explained_variance = measure
+    return np.asarray(rows)
+
+
+def thirds(iterations: int) -> list[tuple[int, int]]:
+    third = max(1, iterations // 3)
+    return [(0, third), (third, 2 * third), (2 * third, iterations)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="PPOConfig seeds to run; with several, one summary line per seed")  # fmt: skip
+    p.add_argument("--work", type=Path, help="where the tiny model is built (default: a temp dir)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a PPOConfig field over the learning test's")  # fmt: skip
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    fields = dict(LEARNING_TEST)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        fields[name] = parse_value(value)
+    work = args.work or Path(tempfile.mkdtemp(prefix="critic-ev-"))
+    spans = thirds(args.iterations)
+    if len(args.seeds) == 1:
+        table = run({**fields, "seed": args.seeds[0]}, work, args.iterations, verbose=True)
+        print("\nmeans over thirds of the run")
+        for lo, hi in spans:
+            _, critic, inside, outside, probe = np.nanmean(table[lo:hi], axis=0)
+            print(f"iterations {lo}-{hi - 1}: critic EV {critic:+.3f}, prefix fit in-sample "
+                  f"{inside:.3f}, out-of-sample {outside:+.3f}, frozen probe {probe:+.3f}")  # fmt: skip
+        return
+    lo, hi = spans[0]
+    late = f"{max(lo, hi - 4)}-{hi - 1}"
     print(
-        f"{'iter':>4} {'reward':>7} {'critic EV':>10} {'fit in-sample':>14} {'fit out-of-sample':>18}"
-        f" {'frozen probe':>13}"
+        f"critic EV by thirds, over iterations {late} (the first third's last four), and the "
+        "out-of-sample prefix fit in the first third"
     )
-    for it in range(args.iterations):
-        metrics = trainer.train_step(envs)
-        mask = seen["mask"].numpy().astype(bool)
-        x = prefix_features(trainer.tokenizer, seen["batch"].responses, mask)
-        y = seen["returns"].numpy()[mask]
-        coef = np.linalg.lstsq(x, y, rcond=None)[0]
-        inside = explained(y, x @ coef)
-        outside = explained(y, x @ previous) if previous is not None else float("nan")
-        previous = coef
-        h = frozen_hidden(trainer, seen["batch"], mask)
-        probe = float("nan")
-        if probe_data:
-            recent = probe_data[-4:]
-            probe = explained(y, h @ ridge([a for a, _ in recent], [b for _, b in recent]))
-        probe_data.append((h, y))
-        rows.append((metrics["value/explained_variance"], inside, outside, probe))
-        print(f"{it:>4} {metrics['reward/mean']:>7.3f} {rows[-1][0]:>+10.3f} {inside:>14.3f} "
-              f"{outside:>+18.3f} {probe:>+13.3f}", flush=True)  # fmt: skip
-    table = np.asarray(rows)
-    third = max(1, args.iterations // 3)
-    print("\nmeans over thirds of the run")
-    for lo, hi in [(0, third), (third, 2 * third), (2 * third, args.iterations)]:
-        critic, inside, outside, probe = np.nanmean(table[lo:hi], axis=0)
-        print(f"iterations {lo}-{hi - 1}: critic EV {critic:+.3f}, prefix fit in-sample "
-              f"{inside:.3f}, out-of-sample {outside:+.3f}, frozen probe {probe:+.3f}")  # fmt: skip
+    print(f"{'seed':>4} {'reward first5 -> last5':>23} {'EV thirds':>22} {'EV ' + late:>9} "
+          f"{'fit 1st third':>14}")  # fmt: skip
+    for seed in args.seeds:
+        table = run({**fields, "seed": seed}, work, args.iterations, verbose=False)
+        ev = [np.nanmean(table[a:b, 1]) for a, b in spans]
+        print(f"{seed:>4} {table[:5, 0].mean():>11.3f} -> {table[-5:, 0].mean():<8.3f} "
+              f"{' / '.join(f'{e:+.2f}' for e in ev):>22} {table[max(lo, hi - 4):hi, 1].mean():>+9.3f} "
+              f"{np.nanmean(table[lo:hi, 3]):>+14.3f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

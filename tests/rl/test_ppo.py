@@ -225,9 +225,14 @@ def test_rollout_logprobs_match_an_unpadded_forward(tiny_model_dir: Path) -> Non
             :, 0
         ]
         assert torch.allclose(batch.logprobs[i, :n], expected, atol=1e-4)
-    # A fresh PPO adapter is the identity (LoRA B = 0) and the value head starts at 0.
+        # A fresh critic adapter is the identity too: the values are the head on the base's
+        # last hidden state before each reply token.
+        with torch.no_grad():
+            hidden = lm(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            values = trainer.value_head(hidden[:, len(prompt) - 1 : -1])[0]
+        assert torch.allclose(batch.values[i, :n], values, atol=1e-5) and values.abs().max() > 0
+    # A fresh PPO adapter is the identity (LoRA B = 0).
     assert torch.allclose(batch.logprobs, batch.ref_logprobs)
-    assert torch.all(batch.values == 0)
     assert len(batch.replies) == 2 and all(isinstance(r, str) for r in batch.replies)
 
 
@@ -500,10 +505,11 @@ def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path, algori
     config = PPOConfig(
         algorithm=algorithm,
         rloo_k=4,
-        batch_size=16,
-        mini_batch_size=8,
+        batch_size=64,
+        mini_batch_size=16,
         max_new_tokens=16,
-        learning_rate=3e-3,
+        learning_rate=1e-3,
+        critic_learning_rate=3e-3,  # the critic learns faster than the policy moves
         kl_coef=0.05,
         normalize_scores=True,  # a raw reward function: the only normalisation
     )
@@ -515,6 +521,10 @@ def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path, algori
     last = sum(m["reward/mean"] for m in history[-5:]) / 5
     assert last > first + 0.2, (first, last)
     assert max(m["kl/mean"] for m in history) < 40.0
-    if algorithm == "ppo":  # the critic learns (the old value probe: +0.10 over iterations 31-40)
-        late = [m["value/explained_variance"] for m in history[-10:]]
+    if algorithm == "ppo":  # the critic learns: the explained variance of the returns
+        ev = [m["value/explained_variance"] for m in history]  # by thirds: 0.37, 0.68, 0.52
+        middle, late = ev[13:26], ev[-10:]
+        # Middle third over seeds 0-5: 0.36-0.68; the old value probe here: 0.13 (seed 0), 0.16
+        # (benchmarks/critic_ev.py --seeds 0 1 2 3 4 5; RESULTS.md).
+        assert sum(middle) / len(middle) > 0.3, middle
         assert sum(late) / len(late) > 0.2, late
