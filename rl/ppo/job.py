@@ -151,7 +151,7 @@ def reward_head(
     )  # the head of transformers' *ForSequenceClassification
     hidden = policy.base_model.config.get_text_config().hidden_size
     if not isinstance(head, torch.nn.Linear) or head.weight.shape != (1, hidden):
-        log.info("the reward head does not fit the critic (%s); the value head starts at 0", head)
+        log.info("the reward head does not fit the critic (%s): a random value head", head)
         return None
     weight = head.weight.detach().float().cpu() / reward.std
     bias = head.bias.detach().float().cpu() if head.bias is not None else torch.zeros(1)
