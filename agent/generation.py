@@ -89,8 +89,8 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def generate_kwargs(self, device: str | torch.device = "cpu") -> dict[str, Any]:
-        """Keyword arguments of `model.generate` for these parameters (on `device`).
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `model.generate` for these parameters.
 
         A seeded sampled reply draws from its own generator (`SeededSampler`), never from
         torch's global one, which every thread shares; beam sampling has no such hook and seeds
@@ -101,7 +101,7 @@ class SamplingParams:
         sampled = self.do_sample and self.temperature > 0
         if sampled and self.seed is not None and self.num_beams == 1:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(self, device)])
+            kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(self)])
         elif sampled:
             kwargs.update(
                 do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
@@ -123,7 +123,9 @@ class SeededSampler(LogitsProcessor):
     then takes. The draws are those `generate` makes after `torch.manual_seed(seed)`, but two
     replies generated at once (two bases, two users) no longer take each other's."""
 
-    def __init__(self, sampling: SamplingParams, device: str | torch.device) -> None:
+    def __init__(self, sampling: SamplingParams) -> None:
+        self.seed = sampling.seed
+        self.generator: torch.Generator | None = None  # made on the scores' device, at step 1
         self.warpers = LogitsProcessorList()
         if sampling.temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(sampling.temperature))
@@ -131,10 +133,10 @@ class SeededSampler(LogitsProcessor):
             self.warpers.append(TopKLogitsWarper(sampling.top_k))
         if sampling.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(sampling.top_p))
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(sampling.seed)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
         probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)  # (B, V)
         tokens = torch.multinomial(probs, num_samples=1, generator=self.generator)  # (B, 1)
         return torch.full_like(scores, -float("inf")).scatter_(1, tokens, 0.0)
@@ -211,7 +213,7 @@ def generate_batch(
             eos_token_id=ends,
             pad_token_id=pad,
             suppress_tokens=[pad],  # PAD is never a reply token
-            **sampling.generate_kwargs(policy.device),
+            **sampling.generate_kwargs(),
         )  # (B, T + new)
     latency_ms = (time.perf_counter() - t0) * 1000
     results = []
@@ -304,7 +306,7 @@ class _Job:
                     suppress_tokens=[tokenizer.pad_token_id],
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(stops)]),
                     streamer=streamer,
-                    **self.sampling.generate_kwargs(self.policy.device),
+                    **self.sampling.generate_kwargs(),
                 )  # (1, T + new)
             self.ids = out[0, input_ids.shape[1] :].tolist()
         except Exception as exc:
