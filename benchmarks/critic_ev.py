@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/critic_ev.py --seeds 0 1 2 3 4 5   # a summary line per seed
 
 Runs the learning test of tests/rl/test_ppo.py (the tiny random Llama with peaked embeddings,
-reward = the share of "e" in a 16-token reply, 64 replies per iteration) and, beside the
+reward = the share of "e" in a 16-token reply, 256 replies per iteration) and, beside the
 critic's explained variance (EV, of the values computed at rollout against the GAE returns),
 prints what a least-squares fit of the same returns on hand-made prefix features reaches: the
 e's and characters decoded so far, their ratio and the position. Two such fits: in-sample (on
@@ -40,8 +40,8 @@ PROMPTS = [
     Prompt([{"role": "user", "content": f"hello there, friend number {i}"}]) for i in range(12)
 ]
 LEARNING_TEST = {  # tests/rl/test_ppo.py::test_mean_reward_rises_while_kl_stays_bounded
-    "batch_size": 64,
-    "mini_batch_size": 16,
+    "batch_size": 256,
+    "mini_batch_size": 64,
     "max_new_tokens": 16,
     "learning_rate": 1e-3,
     "critic_learning_rate": 3e-3,

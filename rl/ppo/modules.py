@@ -48,8 +48,9 @@ class ValueHead(nn.Module):
     """V(s) from the critic's last hidden state: one linear layer. Unless it is given the reward
     model's score head (`init_from`), its weights start normal with std 1/(H+1) and its bias at
     0, as OpenRLHF's critic head. Not zero: with zero weights and the critic adapter's zero
-    LoRA B, no gradient reaches the adapter until the head has grown (on PPO's learning test
-    the critic then explained less over iterations 9-12 on 5 of 6 seeds; RESULTS.md)."""
+    LoRA B, no gradient reaches the adapter until the head has grown (on PPO's learning task
+    at 64 replies a batch the critic then explained less over iterations 9-12 on 5 of 6
+    seeds; RESULTS.md)."""
 
     def __init__(self, hidden_size: int, seed: int = 0) -> None:
         super().__init__()

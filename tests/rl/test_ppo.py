@@ -500,13 +500,21 @@ def share_of_e(context: list[dict[str, str]], reply: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
-def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path, algorithm: str) -> None:
+@pytest.mark.parametrize(
+    ("algorithm", "batch_size", "mini_batch_size"),
+    # PPO's critic learns its features from the replies it sees: it needs a few thousand before
+    # it explains half the return variance (3,300 by the end of the first third at 256 a batch;
+    # at 64 a batch 3 of 6 seeds fell short there; benchmarks/RESULTS.md). RLOO has no critic.
+    [("ppo", 256, 64), ("rloo", 64, 16)],
+)
+def test_mean_reward_rises_while_kl_stays_bounded(
+    peaked_model_dir: Path, algorithm: str, batch_size: int, mini_batch_size: int
+) -> None:
     config = PPOConfig(
         algorithm=algorithm,
         rloo_k=4,
-        batch_size=64,
-        mini_batch_size=16,
+        batch_size=batch_size,
+        mini_batch_size=mini_batch_size,
         max_new_tokens=16,
         learning_rate=1e-3,
         critic_learning_rate=3e-3,  # the critic learns faster than the policy moves
@@ -522,9 +530,11 @@ def test_mean_reward_rises_while_kl_stays_bounded(peaked_model_dir: Path, algori
     assert last > first + 0.2, (first, last)
     assert max(m["kl/mean"] for m in history) < 40.0
     if algorithm == "ppo":  # the critic learns: the explained variance of the returns
-        ev = [m["value/explained_variance"] for m in history]  # by thirds: 0.37, 0.68, 0.52
-        middle, late = ev[13:26], ev[-10:]
-        # Middle third over seeds 0-5: 0.36-0.68; the old value probe here: 0.13 (seed 0), 0.16
-        # (benchmarks/critic_ev.py --seeds 0 1 2 3 4 5; RESULTS.md).
-        assert sum(middle) / len(middle) > 0.3, middle
+        ev = [m["value/explained_variance"] for m in history]
+        end_of_first_third, middle, late = ev[9:13], ev[13:26], ev[-10:]
+        # Over seeds 0-9 (benchmarks/critic_ev.py --seeds 0 1 ... 9; RESULTS.md): iterations
+        # 9-12 0.51-0.64 (seed 0: 0.61), the middle third 0.59-0.68; the old value probe with
+        # these settings: -0.15 and 0.21 (seed 0).
+        assert sum(end_of_first_third) / 4 >= 0.5, end_of_first_third
+        assert sum(middle) / len(middle) >= 0.5, middle
         assert sum(late) / len(late) > 0.2, late
