@@ -89,6 +89,11 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def sampled(self) -> bool:
+        """Whether the reply is drawn (sampling at a temperature above 0), not decoded greedily."""
+        return self.do_sample and self.temperature > 0
+
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `model.generate` for these parameters.
 
@@ -98,21 +103,20 @@ class SamplingParams:
         kwargs: dict[str, Any] = dict(
             repetition_penalty=self.repetition_penalty, num_beams=self.num_beams
         )
-        sampled = self.do_sample and self.temperature > 0
-        if sampled and self.seed is not None and self.num_beams == 1:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(self)])
-        elif sampled:
+        greedy = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if self.sampled and self.seed is not None and self.num_beams == 1:
+            kwargs.update(greedy, logits_processor=LogitsProcessorList([SeededSampler(self)]))
+        elif self.sampled:
             kwargs.update(
                 do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
             )
         else:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            kwargs.update(greedy)
         return kwargs
 
     def seed_global_rng(self) -> None:
         """Seed torch's global generator where `generate` draws from it: beam sampling."""
-        if self.seed is not None and self.do_sample and self.temperature > 0 and self.num_beams > 1:
+        if self.sampled and self.seed is not None and self.num_beams > 1:
             torch.manual_seed(self.seed)
 
 
