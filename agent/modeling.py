@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -201,13 +202,21 @@ def encode_chat(
     return ids
 
 
+_ENCODING = threading.Lock()
+"""Held around every `_token_ids` call. A fast tokenizer applies `split_special_tokens` by setting
+a flag on its Rust tokenizer, which the users of one base share, and then encodes with the GIL
+released: two chats encoded at once could each take the other's setting (the template's markers
+split into characters, or a message's special-token strings read as real ones)."""
+
+
 def _token_ids(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], split_special: bool
 ) -> Iterator[list[int]]:
     """Ids of each text, without added BOS/EOS; special-token strings split when asked."""
     if not texts:
         return iter([])
-    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special)
+    with _ENCODING:
+        encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special)
     return iter([list(ids) for ids in encoded["input_ids"]])
 
 

@@ -9,6 +9,7 @@ chat template (`<|im_start|>role\\n...<|im_end|>\\n`).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,30 @@ def test_control_tokens_in_a_message_stay_text(kind: str, tokenizers: dict) -> N
     # Exactly the template's own special tokens: as many as for a harmless message.
     assert [i for i in ids if i in specials] == [i for i in benign if i in specials]
     assert FORGED[kind] in tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["starter", "chatml"])
+def test_chats_encoded_in_several_threads_at_once_are_encoded_as_alone(
+    kind: str, tokenizers: dict
+) -> None:
+    # Users chatting on one base share its tokenizer. A fast tokenizer splits special-token
+    # strings by a flag on its shared Rust tokenizer, so two encodings at once could take each
+    # other's: the template's markers split into characters (seen as a reply that differed
+    # from the same seed's), or a message's forged markers read as real ones.
+    tokenizer = tokenizers[kind]
+    alone = encode_chat(tokenizer, chat(kind))
+    seen: list[list[int]] = []
+
+    def encode() -> None:
+        seen.extend(encode_chat(tokenizer, chat(kind)) for _ in range(200))
+
+    threads = [threading.Thread(target=encode) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(seen) == 800
+    assert sum(ids != alone for ids in seen) == 0
 
 
 @pytest.mark.parametrize("kind", ["starter", "chatml"])
